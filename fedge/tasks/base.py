@@ -1,0 +1,208 @@
+"""The Task interface: what a client learns, with no knowledge of Flower.
+
+A Task owns a model family, a training pool (whose per-sample labels drive partitioning),
+a held-out test set, a per-batch loss and per-batch evaluation sums. The training loop
+lives here once, so every task gets the same round budget, proximal term and
+control-variate hooks for free.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+Batch = Any
+# A hook called after loss.backward() and before optimizer.step(): it may edit .grad in place.
+GradHook = Callable[[nn.Module], None]
+
+
+@dataclass
+class TrainConfig:
+    """How one client trains in one round.
+
+    epochs: passes over the local data. batch_size: examples per step. lr: SGD learning
+    rate. max_seconds: the round's wall-clock budget; training stops early past it (0: none).
+    max_steps: stop after this many steps (0: none). proximal_mu: FedProx's mu; the term
+    mu/2 ||w - w_global||^2 is added to the loss. grad_hooks: extra gradient edits
+    (SCAFFOLD's control variates), applied in order.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    lr: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    max_seconds: float = 0.0
+    max_steps: int = 0
+    proximal_mu: float = 0.0
+    grad_hooks: list[GradHook] = field(default_factory=list)
+    seed: int = 0
+
+
+@dataclass
+class TrainReport:
+    """What local training did: examples seen, optimizer steps, mean loss, wall seconds,
+    and whether the round budget cut it short."""
+
+    num_examples: int
+    steps: int
+    loss: float
+    seconds: float
+    stopped_early: bool
+
+
+class Task(ABC):
+    """A learning problem a fedge client can train and evaluate.
+
+    Subclasses set `name`, build the model, expose the training pool's labels (used by
+    `fedge.data.partition`), return datasets, and define `loss` and `eval_sums`.
+    `metric` names the headline metric and `higher_is_better` its direction.
+    """
+
+    name: ClassVar[str]
+    metric: ClassVar[str] = "accuracy"
+    higher_is_better: ClassVar[bool] = True
+
+    def __init__(self, data_dir: str | None = None, seed: int = 0, **options: Any) -> None:
+        self.data_dir = data_dir
+        self.seed = seed
+        if options:
+            raise ValueError(
+                f"task {self.name!r} got unknown options {sorted(options)}; "
+                "remove them from [task.options]"
+            )
+
+    # --- model and data -------------------------------------------------------------
+    @abstractmethod
+    def build_model(self) -> nn.Module:
+        """A freshly initialised model (deterministic under `self.seed`)."""
+
+    @abstractmethod
+    def train_labels(self) -> np.ndarray:
+        """One integer label per sample of the training pool, for partitioning."""
+
+    def train_groups(self) -> np.ndarray | None:
+        """A natural group per training sample (speaker, topic), or None if the task has none."""
+        return None
+
+    @abstractmethod
+    def train_dataset(self, indices: np.ndarray | None = None) -> Dataset:
+        """The training pool, or the subset at `indices` (a client's partition)."""
+
+    @abstractmethod
+    def test_dataset(self) -> Dataset:
+        """The held-out test set used for centralized evaluation."""
+
+    def collate(self, items: list[Any]) -> Batch:
+        """Stack dataset items into a batch (override for variable-length data)."""
+        return torch.utils.data.default_collate(items)
+
+    # --- learning -------------------------------------------------------------------
+    @abstractmethod
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Mean training loss of a batch (a scalar that backward() is called on)."""
+
+    @abstractmethod
+    def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
+        """Sums over a batch: must include `loss` (summed) and `num_examples`."""
+
+    def finalize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Turn accumulated sums into metrics; the default gives mean loss and accuracy."""
+        n = max(sums.get("num_examples", 0.0), 1.0)
+        out = {"loss": sums["loss"] / n, "num_examples": sums.get("num_examples", 0.0)}
+        if "correct" in sums:
+            out["accuracy"] = sums["correct"] / n
+        return out
+
+    def loader(self, data: Dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+        generator = torch.Generator().manual_seed(seed)
+        return DataLoader(
+            data,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            collate_fn=self.collate,
+            generator=generator,
+            drop_last=False,
+        )
+
+    def train(self, model: nn.Module, data: Dataset, cfg: TrainConfig) -> TrainReport:
+        """Local SGD under the round budget; see `train_loop`."""
+        return train_loop(self, model, data, cfg)
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Dataset, batch_size: int = 256) -> dict[str, float]:
+        model.eval()
+        sums: dict[str, float] = {}
+        for batch in self.loader(data, batch_size, shuffle=False):
+            for k, v in self.eval_sums(model, batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return self.finalize(sums)
+
+
+def _batches(task: Task, data: Dataset, cfg: TrainConfig) -> Iterator[Batch]:
+    for epoch in range(cfg.epochs):
+        yield from task.loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
+
+
+def batch_size_of(batch: Batch) -> int:
+    """Examples in a batch: the leading dimension of its first tensor."""
+    first = batch[0] if isinstance(batch, list | tuple) else batch
+    if isinstance(first, dict):
+        first = next(iter(first.values()))
+    return int(first.shape[0])
+
+
+def proximal_term(model: nn.Module, anchor: Iterable[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx: mu/2 * ||w - w_global||^2 over trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+
+
+def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) -> TrainReport:
+    """Plain SGD over `cfg.epochs` passes, stopping when the time or step budget runs out."""
+    torch.manual_seed(cfg.seed)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+    )
+    anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
+    start = time.perf_counter()
+    steps, seen, loss_sum, stopped = 0, 0, 0.0, False
+    for batch in _batches(task, data, cfg):
+        budget_gone = cfg.max_seconds > 0 and time.perf_counter() - start >= cfg.max_seconds
+        if budget_gone or (cfg.max_steps and steps >= cfg.max_steps):
+            stopped = True
+            break
+        opt.zero_grad(set_to_none=True)
+        loss = task.loss(model, batch)
+        if anchor is not None:
+            loss = loss + proximal_term(model, anchor, cfg.proximal_mu)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} at step {steps}; lower --lr"
+            )
+        loss.backward()
+        for hook in cfg.grad_hooks:
+            hook(model)
+        opt.step()
+        n = batch_size_of(batch)
+        steps += 1
+        seen += n
+        loss_sum += loss.item() * n
+    return TrainReport(
+        num_examples=seen,
+        steps=steps,
+        loss=loss_sum / max(seen, 1),
+        seconds=time.perf_counter() - start,
+        stopped_early=stopped,
+    )
