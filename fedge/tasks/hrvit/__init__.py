@@ -1,0 +1,1 @@
+"""HRViT semantic segmentation: the multi-branch model, procedural scenes and the Task."""
