@@ -1,0 +1,274 @@
+"""Distributed point function: Boyle-Gilboa-Ishai 2016 tree DPF over XOR shares.
+
+`gen(alpha, n)` splits the point function f(x) = [x == alpha] on {0,1}^n into two keys; each key
+alone is pseudorandom, and `eval_all(k0) ^ eval_all(k1)` is the unit vector e_alpha. Following
+BGI-2016 (Fig. 1 with the early-termination optimisation):
+
+- one correction word per tree level: a 128-bit seed correction and two control-bit corrections;
+- early termination: the tree stops 7 levels early and each leaf converts its seed into a
+  128-bit output block, so a key is 16 + 17*(n-7) + 16 bytes and expansion touches 2^(n-7) leaves;
+- the PRG is fixed-key AES-128 in Matyas-Meyer-Oseas form, G(s) = pi(s ^ c) ^ s ^ c with one public
+  tweak c per output (left child, right child, leaf value), so all nodes of a level, of all keys
+  of a batch, go through ONE AES-ECB call on a preallocated buffer.
+
+Seeds come from `secrets` (the OS CSPRNG). Bit x of an expansion is bit (x & 63) of 64-bit word
+(x >> 6), the little-endian reading of the leaf blocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+import sys
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+if sys.byteorder != "little":  # the uint64 views of AES blocks assume it
+    raise ImportError("fedge.privacy.dpf needs a little-endian machine")
+
+VERSION = 1
+MAGIC = b"DP"
+LEAF_BITS = 7  # early termination: one 128-bit output block per leaf
+MAX_DOMAIN_BITS = 40
+_HEADER = struct.Struct("<2sBBB")  # magic, version, party, domain_bits
+
+# Public constants: the fixed AES key and the three tweaks (left child, right child, leaf value).
+_AES_KEY = hashlib.sha256(b"fedge-dpf-v1 fixed-key AES").digest()[:16]
+_RANDOM = np.frombuffer(hashlib.sha256(b"fedge-dpf-v1 tweaks").digest()[:24], np.uint64)
+BRANCH = np.stack([np.zeros(2, np.uint64), _RANDOM[:2]])  # left child: s itself; right: s ^ c
+T_VALUE = np.array([_RANDOM[2], 1], np.uint64)
+_ONE = np.uint64(1)
+
+
+def tree_depth(domain_bits: int) -> int:
+    """Levels of the seed tree; the last LEAF_BITS bits of the domain live in the leaf blocks."""
+    return max(domain_bits - LEAF_BITS, 0)
+
+
+def key_size(domain_bits: int) -> int:
+    """Bytes of a serialized key: header, seed, per-level correction words, output correction."""
+    return _HEADER.size + 16 + 17 * tree_depth(domain_bits) + 16
+
+
+@dataclass(frozen=True)
+class DPFKey:
+    """One party's share: a root seed plus the public correction words (same in both keys)."""
+
+    party: int
+    domain_bits: int
+    seed: np.ndarray  # (2,) uint64
+    cw_seed: np.ndarray  # (depth, 2) uint64
+    cw_bits: np.ndarray  # (depth, 2) uint64, control-bit corrections for (left, right)
+    cw_out: np.ndarray  # (2,) uint64
+
+    def to_bytes(self) -> bytes:
+        head = _HEADER.pack(MAGIC, VERSION, self.party, self.domain_bits)
+        bits = (self.cw_bits[:, 0] | (self.cw_bits[:, 1] << _ONE)).astype(np.uint8)
+        return b"".join(
+            [
+                head,
+                self.seed.tobytes(),
+                self.cw_seed.tobytes(),
+                bits.tobytes(),
+                self.cw_out.tobytes(),
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> DPFKey:
+        """Parse a key; raises ValueError naming the defect of a malformed or foreign key."""
+        if not isinstance(data, bytes | bytearray | memoryview):
+            raise ValueError(f"a DPF key must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if len(data) < _HEADER.size:
+            raise ValueError(
+                f"DPF key too short: {len(data)} bytes, header alone is {_HEADER.size}"
+            )
+        magic, version, party, domain_bits = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            raise ValueError(f"not a DPF key: magic {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise ValueError(f"DPF key version {version} unsupported; this build reads {VERSION}")
+        if party not in (0, 1):
+            raise ValueError(f"DPF key party must be 0 or 1, got {party}")
+        if not 1 <= domain_bits <= MAX_DOMAIN_BITS:
+            raise ValueError(f"DPF key domain_bits {domain_bits} outside 1..{MAX_DOMAIN_BITS}")
+        if len(data) != key_size(domain_bits):
+            raise ValueError(
+                f"DPF key for a 2^{domain_bits} domain must be {key_size(domain_bits)} bytes, "
+                f"got {len(data)} (truncated or corrupted)"
+            )
+        depth = tree_depth(domain_bits)
+        pos = _HEADER.size
+        seed = np.frombuffer(data, np.uint64, 2, pos)
+        pos += 16
+        cw_seed = np.frombuffer(data, np.uint64, 2 * depth, pos).reshape(depth, 2)
+        pos += 16 * depth
+        bits = np.frombuffer(data, np.uint8, depth, pos)
+        pos += depth
+        if np.any(bits > 3):
+            raise ValueError("DPF key control-bit corrections use only 2 bits per level; corrupted")
+        cw_bits = np.stack([bits & 1, bits >> 1], axis=1).astype(np.uint64)
+        cw_out = np.frombuffer(data, np.uint64, 2, pos)
+        return cls(party, domain_bits, seed, cw_seed, cw_bits, cw_out)
+
+
+def _aes(blocks: np.ndarray) -> np.ndarray:
+    """Fixed-key AES-128 over every 16-byte block of a uint64 array: one ECB call."""
+    flat = np.ascontiguousarray(blocks).reshape(-1)
+    out = np.empty(flat.size + 2, np.uint64)  # update_into wants block_size - 1 spare bytes
+    enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
+    enc.update_into(flat.view(np.uint8), out.view(np.uint8))
+    return out[: flat.size].reshape(blocks.shape)
+
+
+def _prg(seeds: np.ndarray, tweaks: np.ndarray) -> np.ndarray:
+    """MMO PRG: seeds (..., 2) -> (..., len(tweaks), 2) blocks pi(s ^ c) ^ s ^ c."""
+    x = seeds[..., None, :] ^ tweaks
+    return _aes(x) ^ x
+
+
+def gen_batch(alphas: np.ndarray, domain_bits: int) -> tuple[list[DPFKey], list[DPFKey]]:
+    """Keys for many points at once (vectorised over points, one AES call per level)."""
+    if not 1 <= domain_bits <= MAX_DOMAIN_BITS:
+        raise ValueError(f"domain_bits must be in 1..{MAX_DOMAIN_BITS}, got {domain_bits}")
+    alphas = np.asarray(alphas, np.int64).reshape(-1)
+    if alphas.size and (alphas.min() < 0 or alphas.max() >= 1 << domain_bits):
+        raise ValueError(
+            f"alpha must be in [0, 2^{domain_bits}), got {alphas.min()}..{alphas.max()}"
+        )
+    k, depth = alphas.size, tree_depth(domain_bits)
+    roots = np.frombuffer(secrets.token_bytes(32 * k), np.uint64).reshape(2, k, 2).copy()
+    roots[..., 0] &= ~_ONE  # the control bit lives in bit 0 of a child block, so seeds drop it
+    s = roots.copy()  # (party, key, 2)
+    t = np.array([[0], [1]], np.uint64).repeat(k, axis=1)  # (party, key)
+    cw_seed = np.empty((k, depth, 2), np.uint64)
+    cw_bits = np.empty((k, depth, 2), np.uint64)
+    leaf_bits = domain_bits - depth
+    for level in range(depth):
+        a = ((alphas >> (domain_bits - 1 - level)) & 1).astype(np.uint64)  # (key,)
+        child = _prg(s, BRANCH)  # (party, key, side, 2)
+        tc = child[..., 0] & _ONE
+        child[..., 0] &= ~_ONE
+        lose = 1 - a.astype(np.int64)
+        rows = np.arange(k)
+        cw_s = child[0, rows, lose] ^ child[1, rows, lose]
+        cw_t = tc[0] ^ tc[1] ^ np.stack([a ^ _ONE, a], axis=1)
+        keep = a.astype(np.int64)
+        mask = (0 - t)[..., None]  # all-ones where the control bit is set
+        s = child[:, rows, keep] ^ (mask & cw_s)
+        t = tc[:, rows, keep] ^ (t & cw_t[rows, keep])
+        cw_seed[:, level], cw_bits[:, level] = cw_s, cw_t
+    conv = _prg(s, T_VALUE[None])[..., 0, :]  # (party, key, 2)
+    low = alphas & ((1 << leaf_bits) - 1)
+    unit = np.zeros((k, 2), np.uint64)
+    unit[np.arange(k), low >> 6] = _ONE << (low & 63).astype(np.uint64)
+    cw_out = conv[0] ^ conv[1] ^ unit
+    keys = tuple(
+        [DPFKey(p, domain_bits, roots[p, i], cw_seed[i], cw_bits[i], cw_out[i]) for i in range(k)]
+        for p in (0, 1)
+    )
+    return keys
+
+
+def gen(alpha: int, domain_bits: int) -> tuple[DPFKey, DPFKey]:
+    """Two keys whose expansions XOR to the unit vector at alpha in a 2^domain_bits domain."""
+    k0, k1 = gen_batch(np.array([alpha]), domain_bits)
+    return k0[0], k1[0]
+
+
+def _correct_level(out, inp, t, cw_seed, cw_bits, next_inp, next_t, tweaks):
+    """Finish one level for (keys, nodes): feed-forward, split off the control bits, apply the
+    key's correction word where the parent's control bit is set (branchless), and write the
+    children's tweaked AES inputs for the next call."""
+    keys, nodes = t.shape
+    width = next_inp.shape[2]
+    for key in numba.prange(keys):
+        cs0, cs1 = cw_seed[key, 0], cw_seed[key, 1]
+        for i in range(nodes):
+            mask = np.uint64(0) - t[key, i]
+            for side in range(2):
+                lo = out[key, i, side, 0] ^ inp[key, i, side, 0]
+                hi = out[key, i, side, 1] ^ inp[key, i, side, 1]
+                bit = lo & np.uint64(1)
+                lo = (lo ^ bit) ^ (mask & cs0)
+                hi = hi ^ (mask & cs1)
+                c = 2 * i + side
+                next_t[key, c] = bit ^ (mask & cw_bits[key, side])
+                for w in range(width):
+                    next_inp[key, c, w, 0] = lo ^ tweaks[w, 0]
+                    next_inp[key, c, w, 1] = hi ^ tweaks[w, 1]
+
+
+def _finish_leaves(out, inp, t, cw_out):
+    """Leaf blocks: feed-forward of the value PRG, plus the output correction where t is set."""
+    keys, leaves = t.shape
+    for key in numba.prange(keys):
+        for i in range(leaves):
+            mask = np.uint64(0) - t[key, i]
+            out[key, i, 0, 0] ^= inp[key, i, 0, 0] ^ (mask & cw_out[key, 0])
+            out[key, i, 0, 1] ^= inp[key, i, 0, 1] ^ (mask & cw_out[key, 1])
+
+
+# Two builds of each kernel: threads pay off only on big levels, and on a shared machine every
+# parallel region waits for its slowest thread, so small levels run on one thread.
+_PARALLEL_MIN_NODES = 1 << 16
+_LEVEL = {p: numba.njit(parallel=p, cache=True)(_correct_level) for p in (False, True)}
+_LEAVES = {p: numba.njit(parallel=p, cache=True)(_finish_leaves) for p in (False, True)}
+
+
+def _check_batch(keys: list[DPFKey]) -> int:
+    if not keys:
+        raise ValueError("expand needs at least one DPF key")
+    bits = {k.domain_bits for k in keys}
+    if len(bits) != 1:
+        raise ValueError(f"keys of one batch must share a domain size, got domain_bits {bits}")
+    return bits.pop()
+
+
+def expand(keys: list[DPFKey]) -> np.ndarray:
+    """Full-domain evaluation of a batch of keys: (len(keys), words) uint64, bit x of key i is
+    bit (x & 63) of word x >> 6 of row i. All keys go through one AES call per tree level, and
+    the levels ping-pong between three buffers allocated once (fresh pages cost more than AES)."""
+    domain_bits = _check_batch(keys)
+    depth, k = tree_depth(domain_bits), len(keys)
+    size = k * (2 << depth) * 2  # words of the widest level: the leaves' value inputs
+    bufs = [np.empty(size, np.uint64) for _ in range(2)]
+    aes_out = np.empty(size + 2, np.uint64)
+    t = np.array([[key.party] for key in keys], np.uint64)
+    seeds = np.stack([key.seed for key in keys])[:, None, :]
+    tweaks = BRANCH if depth else T_VALUE[None]
+    inp = bufs[0][: k * tweaks.size].reshape(k, 1, -1, 2)
+    np.bitwise_xor(seeds[:, :, None, :], tweaks, out=inp)
+    enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
+    for level in range(depth):
+        out = aes_out[: inp.size].reshape(inp.shape)
+        enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+        tweaks = T_VALUE[None] if level == depth - 1 else BRANCH
+        nodes = 2 << level
+        nxt = bufs[(level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
+        nxt_t = np.empty((k, nodes), np.uint64)
+        cw_seed = np.stack([key.cw_seed[level] for key in keys])
+        cw_bits = np.stack([key.cw_bits[level] for key in keys])
+        _LEVEL[t.size >= _PARALLEL_MIN_NODES](out, inp, t, cw_seed, cw_bits, nxt, nxt_t, tweaks)
+        inp, t = nxt, nxt_t
+    enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+    out = aes_out[: inp.size].reshape(inp.shape)
+    _LEAVES[t.size >= _PARALLEL_MIN_NODES](out, inp, t, np.stack([key.cw_out for key in keys]))
+    words = out.reshape(k, -1)
+    if domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
+        words = words[:, :1] & np.uint64((1 << (1 << domain_bits)) - 1)
+    elif domain_bits == 6:
+        words = words[:, :1]
+    return words
+
+
+def eval_all(key: DPFKey) -> np.ndarray:
+    """This party's share of the whole truth table: 2^domain_bits bits as uint8 0/1."""
+    words = expand([key])[0]
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")
+    return bits[: 1 << key.domain_bits]

@@ -1,0 +1,259 @@
+"""Two-server private information retrieval from DPF keys (Lam et al., ASPLOS 2024, section 3).
+
+The client splits e_i into two DPF keys, one per non-colluding server. Each server expands its
+key over the whole table and returns the XOR of the rows its share selects; the two answers XOR
+to row i. Neither server alone learns anything about i.
+
+A server answers a whole batch in one pass over the table: with the batch's expansions as a bit
+matrix E (queries x rows), the answer is the GF(2) product E @ T. The compiled kernel walks the
+table once, each thread its own chunk of rows, and for every row updates all queries
+(queries innermost), branchless. Two forms of that loop:
+
+- mask: acc[q] ^= row & -bit(q, row), one AND-XOR per query per row word;
+- gray (four Russians): all 16 XOR combinations of 4 rows are built once (15 row XORs, each
+  combination from a smaller one), then each query adds the one its 4 bits select:
+  (16 + Q) / 4 instead of Q row XORs per row, 3.6x fewer at Q = 128.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numba
+import numpy as np
+
+from fedge.privacy.dpf import DPFKey, expand, gen_batch
+
+GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
+GROUP = 4  # rows per lookup table in the gray kernel
+_LOWEST_BIT = np.array([0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], np.int64)
+
+
+def domain_bits_for(num_rows: int) -> int:
+    """Smallest DPF domain that covers num_rows (the table is padded to it with zero rows)."""
+    if num_rows < 1:
+        raise ValueError(f"a PIR table needs at least one row, got {num_rows}")
+    return max(1, math.ceil(math.log2(num_rows)))
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a client needs to turn answers back into rows."""
+
+    num_rows: int
+    dtype: np.dtype
+    row_shape: tuple[int, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    @property
+    def words(self) -> int:
+        """uint64 words per row, the row padded with zero bytes to a multiple of 8."""
+        return max(1, -(-self.row_bytes // 8))
+
+    @property
+    def domain_bits(self) -> int:
+        return domain_bits_for(self.num_rows)
+
+
+def query(indices: Sequence[int] | np.ndarray, num_rows: int) -> tuple[list[bytes], list[bytes]]:
+    """Serialized DPF keys for server A and server B, one pair per requested row."""
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if idx.size == 0:
+        raise ValueError("query needs at least one row index")
+    bad = idx[(idx < 0) | (idx >= num_rows)]
+    if bad.size:
+        raise IndexError(f"row index {int(bad[0])} out of range for a table of {num_rows} rows")
+    keys_a, keys_b = gen_batch(idx, domain_bits_for(num_rows))
+    return [k.to_bytes() for k in keys_a], [k.to_bytes() for k in keys_b]
+
+
+def reconstruct(
+    answers_a: np.ndarray, answers_b: np.ndarray, spec: TableSpec | None = None
+) -> np.ndarray:
+    """XOR the two servers' answers. With the table's spec, rows come back in its dtype and
+    shape; without, as raw bytes (padding included)."""
+    a, b = np.asarray(answers_a), np.asarray(answers_b)
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"answers disagree: {a.shape} {a.dtype} vs {b.shape} {b.dtype}")
+    raw = np.ascontiguousarray(a ^ b).view(np.uint8).reshape(a.shape[0], -1)
+    if spec is None:
+        return raw
+    if raw.shape[1] != spec.words * 8:
+        raise ValueError(f"answers hold {raw.shape[1]} bytes per row, table rows {spec.words * 8}")
+    rows = np.ascontiguousarray(raw[:, : spec.row_bytes]).view(spec.dtype)
+    return rows.reshape(a.shape[0], *spec.row_shape)
+
+
+def as_words(table: np.ndarray) -> np.ndarray:
+    """The table as (rows, words) uint64, zero-padding each row to 8 bytes; no copy when the
+    rows already are a multiple of 8 bytes."""
+    table = np.ascontiguousarray(table)
+    flat = table.reshape(table.shape[0], -1).view(np.uint8)
+    pad = -flat.shape[1] % 8
+    if flat.shape[1] == 0 or pad:
+        flat = np.concatenate([flat, np.zeros((flat.shape[0], pad or 8), np.uint8)], axis=1)
+    return flat.view(np.uint64)
+
+
+def _answer_mask(table, bits, acc, lo, hi):
+    """acc[q] ^= table[r] & -bit(q, r) for rows lo..hi: queries innermost, no branch on bits.
+    Row words go through registers 8 at a time (a 64-byte slab), which LLVM vectorises."""
+    queries, width = acc.shape
+    cur = np.empty(queries, np.uint64)
+    for base in range(lo, hi, 64):
+        for q in range(queries):  # this block's 64 bits of every query, gathered once
+            cur[q] = bits[q, base >> 6]
+        for j in range(min(64, hi - base)):
+            r, shift = base + j, np.uint64(j)
+            for s in range(0, width - 7, 8):
+                r0, r1, r2, r3 = table[r, s], table[r, s + 1], table[r, s + 2], table[r, s + 3]
+                r4, r5, r6, r7 = table[r, s + 4], table[r, s + 5], table[r, s + 6], table[r, s + 7]
+                for q in range(queries):
+                    m = np.uint64(0) - ((cur[q] >> shift) & np.uint64(1))
+                    acc[q, s] ^= r0 & m
+                    acc[q, s + 1] ^= r1 & m
+                    acc[q, s + 2] ^= r2 & m
+                    acc[q, s + 3] ^= r3 & m
+                    acc[q, s + 4] ^= r4 & m
+                    acc[q, s + 5] ^= r5 & m
+                    acc[q, s + 6] ^= r6 & m
+                    acc[q, s + 7] ^= r7 & m
+            for w in range(width - width % 8, width):
+                x = table[r, w]
+                for q in range(queries):
+                    acc[q, w] ^= x & (np.uint64(0) - ((cur[q] >> shift) & np.uint64(1)))
+
+
+def _answer_gray(table, bits, acc, lo, hi):
+    """Four-Russians form for rows lo..hi (lo a multiple of 64): per 4 rows, the 16 XOR
+    combinations, then one table lookup and XOR per query."""
+    queries, width = acc.shape
+    cur = np.empty(queries, np.uint64)
+    combos = np.zeros((1 << GROUP, width), np.uint64)
+    full = lo + (hi - lo) // 64 * 64
+    for base in range(lo, full, 64):
+        for q in range(queries):
+            cur[q] = bits[q, base >> 6]
+        for g in range(0, 64, GROUP):
+            for c in range(1, 1 << GROUP):
+                row = table[base + g + _LOWEST_BIT[c]]  # combos[c] = combos[c minus a bit] ^ row
+                prev, dst = combos[c & (c - 1)], combos[c]
+                for w in range(width):
+                    dst[w] = prev[w] ^ row[w]
+            shift = np.uint64(g)
+            for q in range(queries):
+                sel, a = combos[(cur[q] >> shift) & np.uint64(15)], acc[q]
+                for w in range(width):
+                    a[w] ^= sel[w]
+    _answer_mask_jit(table, bits, acc, full, hi)
+
+
+_answer_mask_jit = numba.njit(cache=True)(_answer_mask)
+_answer_gray_jit = numba.njit(cache=True)(_answer_gray)
+
+
+@numba.njit(parallel=True, cache=True)
+def _answer_batch(table, bits, acc, gray):
+    """One pass: thread p XORs its chunk of rows into its own accumulator acc[p]."""
+    parts, rows = acc.shape[0], table.shape[0]
+    chunk = -(-rows // (parts * 64)) * 64  # chunks start on a bit-word boundary
+    for p in numba.prange(parts):
+        lo, hi = min(p * chunk, rows), min((p + 1) * chunk, rows)
+        if gray:
+            _answer_gray_jit(table, bits, acc[p], lo, hi)
+        else:
+            _answer_mask_jit(table, bits, acc[p], lo, hi)
+
+
+def answer_words(table: np.ndarray, bits: np.ndarray, kernel: str = "auto") -> np.ndarray:
+    """E @ T over GF(2): table (rows, words) uint64, bits (queries, >= rows/64) uint64."""
+    if kernel not in ("auto", "gray", "mask"):
+        raise ValueError(f"kernel must be 'auto', 'gray' or 'mask', got {kernel!r}")
+    gray = kernel == "gray" or (kernel == "auto" and bits.shape[0] >= GRAY_MIN_QUERIES)
+    parts = numba.get_num_threads() if table.shape[0] >= 1 << 14 else 1
+    acc = np.zeros((parts, bits.shape[0], table.shape[1]), np.uint64)
+    _answer_batch(table, bits, acc, gray)
+    return np.bitwise_xor.reduce(acc, axis=0)
+
+
+def _parse_keys(keys: Sequence[DPFKey | bytes]) -> list[DPFKey]:
+    return [k if isinstance(k, DPFKey) else DPFKey.from_bytes(k) for k in keys]
+
+
+class PIRServer:
+    """One of the two servers: holds the table, answers batches of DPF keys in one pass.
+
+    device: "cpu" (the numba kernel), or a torch device such as "cuda" for the GPU path.
+    party: if given, keys for the other party are refused (a client mixed up its servers).
+    """
+
+    def __init__(self, table: np.ndarray, party: int | None = None, device: str = "cpu"):
+        table = np.asarray(table)
+        if table.ndim == 0 or table.shape[0] == 0:
+            raise ValueError(f"a PIR table needs at least one row, got shape {table.shape}")
+        if table.dtype.hasobject:
+            raise ValueError("a PIR table must hold plain numbers or bytes, not Python objects")
+        self.spec = TableSpec(table.shape[0], table.dtype, tuple(table.shape[1:]))
+        self.party = party
+        self.device = device
+        self.words = as_words(table)
+        self._torch = None if device == "cpu" else TorchAnswerer(self.words, device)
+
+    def answer(self, keys: Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
+        """Answers (queries, words) uint64 for a batch of keys (DPFKey or serialized bytes)."""
+        parsed = _parse_keys(keys)
+        if not parsed:
+            raise ValueError("answer needs at least one key")
+        for i, key in enumerate(parsed):
+            if key.domain_bits != self.spec.domain_bits:
+                raise ValueError(
+                    f"key {i} is for a 2^{key.domain_bits} domain, this table of "
+                    f"{self.spec.num_rows} rows needs 2^{self.spec.domain_bits}"
+                )
+            if self.party is not None and key.party != self.party:
+                raise ValueError(f"key {i} is for party {key.party}, this server is {self.party}")
+        bits = expand(parsed)
+        if self._torch is not None:
+            return self._torch(bits)
+        return answer_words(self.words, bits, kernel)
+
+
+class TorchAnswerer:
+    """The answer step in torch (for CUDA): mask rows by the query bits, XOR-reduce by halving.
+    Exact; rows go in blocks so the (queries, block, words) intermediate stays bounded."""
+
+    def __init__(self, words: np.ndarray, device: str, block_bytes: int = 1 << 28):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.rows = words.shape[0]
+        self.block_bytes = block_bytes
+        padded = -(-self.rows // 64) * 64
+        t = torch.zeros((padded, words.shape[1]), dtype=torch.int64)
+        t[: self.rows] = torch.from_numpy(words.view(np.int64))
+        self.table = t.to(self.device)
+        self.shifts = torch.arange(64, dtype=torch.int64, device=self.device)
+
+    def __call__(self, bits: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        q, width = bits.shape[0], self.table.shape[1]
+        b = torch.from_numpy(np.ascontiguousarray(bits).view(np.int64)).to(self.device)
+        block = max(64, 1 << int(math.log2(max(1, self.block_bytes // (q * width * 8)))))
+        acc = torch.zeros((q, width), dtype=torch.int64, device=self.device)
+        for lo in range(0, self.table.shape[0], block):
+            rows = self.table[lo : lo + block]
+            w = b[:, lo // 64 : lo // 64 + rows.shape[0] // 64]
+            mask = -((w[:, :, None] >> self.shifts) & 1).reshape(q, -1)
+            x = mask[:, :, None] & rows[None]
+            while x.shape[1] > 1:
+                if x.shape[1] % 2:
+                    x = torch.cat([x, torch.zeros_like(x[:, :1])], dim=1)
+                x = x[:, 0::2] ^ x[:, 1::2]
+            acc ^= x[:, 0]
+        return acc.cpu().numpy().view(np.uint64)

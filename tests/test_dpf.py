@@ -1,0 +1,117 @@
+"""DPF: exact point functions, key serialization, malformed keys, and single-key privacy."""
+
+import numpy as np
+import pytest
+
+from fedge.privacy import dpf
+
+
+@pytest.mark.parametrize("bits", [1, 2, 5, 6, 7, 8, 9, 12, 15])
+def test_shares_xor_to_the_unit_vector(bits):
+    rng = np.random.default_rng(bits)
+    for alpha in {0, (1 << bits) - 1, int(rng.integers(1 << bits))}:
+        k0, k1 = dpf.gen(alpha, bits)
+        v = dpf.eval_all(k0) ^ dpf.eval_all(k1)
+        assert v.size == 1 << bits
+        assert np.flatnonzero(v).tolist() == [alpha]
+
+
+def test_batch_expansion_equals_one_key_at_a_time():
+    alphas = np.array([0, 1, 127, 128, 4095, 2**14 - 1, 777])
+    keys0, keys1 = dpf.gen_batch(alphas, 14)
+    batch = dpf.expand(keys0) ^ dpf.expand(keys1)
+    for i, alpha in enumerate(alphas):
+        single = dpf.expand([keys0[i]])[0]
+        assert np.array_equal(single, dpf.expand(keys0)[i])
+        bits = np.unpackbits(batch[i].view(np.uint8), bitorder="little")
+        assert np.flatnonzero(bits).tolist() == [alpha]
+
+
+def test_key_bytes_round_trip_and_size():
+    for bits in (3, 7, 20, 32):
+        k0, k1 = dpf.gen(5, bits)
+        for key in (k0, k1):
+            data = key.to_bytes()
+            assert len(data) == dpf.key_size(bits) == 5 + 32 + 17 * max(bits - 7, 0)
+            back = dpf.DPFKey.from_bytes(data)
+            assert back.to_bytes() == data
+            if bits <= 20:
+                assert np.array_equal(dpf.eval_all(back), dpf.eval_all(key))
+
+
+def test_keys_use_fresh_randomness():
+    a, b = dpf.gen(3, 12), dpf.gen(3, 12)
+    assert a[0].to_bytes() != b[0].to_bytes()
+    assert a[0].to_bytes()[5:21] != a[1].to_bytes()[5:21]  # the two root seeds differ
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: b"XX" + d[2:], "magic"),
+        (lambda d: d[:2] + b"\x09" + d[3:], "version"),
+        (lambda d: d[:3] + b"\x02" + d[4:], "party"),
+        (lambda d: d[:4] + b"\x00" + d[5:], "domain_bits"),
+        (lambda d: d[:4] + b"\x0d" + d[5:], "must be"),
+        (lambda d: d[:-1], "must be"),
+        (lambda d: d + b"\x00", "must be"),
+        (lambda d: d[:3], "too short"),
+        (lambda d: d[: 5 + 16 + 16 * 5] + b"\x07" + d[5 + 16 + 16 * 5 + 1 :], "control-bit"),
+    ],
+)
+def test_malformed_keys_are_rejected(mutate, message):
+    data = dpf.gen(9, 12)[0].to_bytes()
+    with pytest.raises(ValueError, match=message):
+        dpf.DPFKey.from_bytes(mutate(data))
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="alpha"):
+        dpf.gen(16, 4)
+    with pytest.raises(ValueError, match="domain_bits"):
+        dpf.gen(0, 0)
+    with pytest.raises(ValueError, match="bytes"):
+        dpf.DPFKey.from_bytes("not bytes")
+    with pytest.raises(ValueError, match="share a domain"):
+        dpf.expand([dpf.gen(0, 8)[0], dpf.gen(0, 9)[0]])
+
+
+def _bit_frequencies(alpha: int, party: int, n: int, bits: int) -> np.ndarray:
+    keys = dpf.gen_batch(np.full(n, alpha), bits)[party]
+    raw = np.frombuffer(b"".join(k.to_bytes()[5:] for k in keys), np.uint8).reshape(n, -1)
+    depth = dpf.tree_depth(bits)
+    layout = np.unpackbits(raw, axis=1, bitorder="little").astype(float)
+    keep = np.ones(layout.shape[1], bool)
+    # public constants: bit 0 of the root seed and of each seed correction (it is where the
+    # PRG puts the control bit), and the 6 unused bits of each level's control-bit byte
+    keep[0 : 128 * (1 + depth) : 128] = False
+    start = (16 + 16 * depth) * 8
+    for level in range(depth):
+        keep[start + level * 8 + 2 : start + level * 8 + 8] = False
+    assert not layout[:, ~keep].any()
+    return layout[:, keep].mean(axis=0)
+
+
+@pytest.mark.parametrize("party", [0, 1])
+def test_a_single_key_does_not_depend_on_the_index(party):
+    """Every bit of one party's key (seed, per-level seed and control-bit corrections, output
+    correction) is a fair coin whatever alpha is: two far-apart alphas give the same
+    frequencies within 5 standard deviations."""
+    n, bits = 4000, 11
+    sigma = 0.5 / np.sqrt(n)
+    lo, hi = _bit_frequencies(0, party, n, bits), _bit_frequencies((1 << bits) - 1, party, n, bits)
+    assert np.all(np.abs(lo - 0.5) < 5 * sigma)
+    assert np.all(np.abs(hi - 0.5) < 5 * sigma)
+    assert np.all(np.abs(lo - hi) < 5 * np.sqrt(2) * sigma)
+
+
+def test_a_single_share_is_unbiased_at_the_point():
+    """One party's expansion at alpha (and anywhere) is 1 half the time: no bit marks alpha."""
+    n, bits = 3000, 9
+    rng = np.random.default_rng(0)
+    alphas = rng.integers(0, 1 << bits, n)
+    keys0, _ = dpf.gen_batch(alphas, bits)
+    share = np.unpackbits(dpf.expand(keys0).view(np.uint8), axis=1, bitorder="little")
+    at_alpha = share[np.arange(n), alphas].mean()
+    assert abs(at_alpha - 0.5) < 5 * 0.5 / np.sqrt(n)
+    assert abs(share.mean() - 0.5) < 0.01
