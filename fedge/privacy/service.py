@@ -1,0 +1,272 @@
+"""gRPC PIR servers and the private-embedding client, with no generated code.
+
+Two methods on service `fedge.pir.PIR`, raw bytes in and out (gRPC generic handlers):
+
+- `Info`: JSON describing the table (party, rows, dtype, row shape, SHA-256 digest), so a client
+  can check that both servers hold the same table before trusting the XOR of their answers;
+- `Answer`: a framed batch of serialized DPF keys in, the batch's answers out.
+
+Frames (little-endian): request  b"PIRQ" u8 version, u32 count, u32 key_len, count keys;
+                       response b"PIRA" u8 version, u32 count, u32 words, 16-byte digest, answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import signal
+import struct
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from fedge.privacy.pir import PIRServer, TableSpec, query, reconstruct
+
+SERVICE = "fedge.pir.PIR"
+FRAME_VERSION = 1
+_REQ = struct.Struct("<4sBII")
+_RESP = struct.Struct("<4sBII16s")
+MAX_MESSAGE = 256 << 20
+_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+]
+
+
+def table_digest(table: np.ndarray) -> str:
+    """SHA-256 over dtype, shape and bytes: equal digests mean the same table."""
+    h = hashlib.sha256(f"{table.dtype.str}{table.shape}".encode())
+    h.update(memoryview(np.ascontiguousarray(table)).cast("B"))
+    return h.hexdigest()
+
+
+def encode_request(keys: Sequence[bytes]) -> bytes:
+    if not keys or len({len(k) for k in keys}) != 1:
+        raise ValueError("a request needs one or more keys of equal length")
+    return _REQ.pack(b"PIRQ", FRAME_VERSION, len(keys), len(keys[0])) + b"".join(keys)
+
+
+def decode_request(data: bytes) -> list[bytes]:
+    if len(data) < _REQ.size:
+        raise ValueError(
+            f"request of {len(data)} bytes is shorter than its {_REQ.size}-byte header"
+        )
+    magic, version, count, key_len = _REQ.unpack_from(data)
+    if magic != b"PIRQ" or version != FRAME_VERSION:
+        raise ValueError(f"not a PIR request (magic {magic!r}, version {version})")
+    if count == 0 or len(data) != _REQ.size + count * key_len:
+        raise ValueError(
+            f"request announces {count} keys of {key_len} bytes but carries "
+            f"{len(data) - _REQ.size} bytes"
+        )
+    body = memoryview(data)[_REQ.size :]
+    return [bytes(body[i * key_len : (i + 1) * key_len]) for i in range(count)]
+
+
+class _Handler:
+    """The RPC bodies: argument errors become INVALID_ARGUMENT with the reason."""
+
+    def __init__(self, table: np.ndarray, party: int):
+        self.server = PIRServer(table, party=party)
+        self.digest = table_digest(table)
+        self.info = json.dumps(
+            {
+                "party": party,
+                "rows": self.server.spec.num_rows,
+                "dtype": table.dtype.str,
+                "row_shape": list(self.server.spec.row_shape),
+                "sha256": self.digest,
+                "domain_bits": self.server.spec.domain_bits,
+            }
+        ).encode()
+        self.lock = threading.Lock()  # one pass at a time: it already uses every core
+
+    def get_info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self.info
+
+    def answer(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            keys = decode_request(request)
+            with self.lock:
+                answers = self.server.answer(keys)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed query: {exc}")
+        head = _RESP.pack(b"PIRA", FRAME_VERSION, *answers.shape, bytes.fromhex(self.digest)[:16])
+        return head + answers.tobytes()
+
+
+def serve(
+    table_path: str,
+    party: int,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready: Callable[[int], None] | None = None,
+) -> None:
+    """Serve FILE.npy as PIR party 0 or 1 until SIGTERM/SIGINT; blocks.
+
+    Prints one line `pir-server party P listening on HOST:PORT rows=N width=B sha=...` once
+    listening (port 0 picks a free port; `ready` also receives it)."""
+    if party not in (0, 1):
+        raise ValueError(f"party must be 0 or 1, got {party}")
+    path = Path(table_path)
+    if path.suffix != ".npy" or not path.is_file():
+        raise ValueError(f"--table must be an existing .npy file, got {table_path!r}")
+    table = np.load(path, allow_pickle=False)
+    handler = _Handler(table, party)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_OPTIONS)
+    methods = {
+        "Info": grpc.unary_unary_rpc_method_handler(handler.get_info),
+        "Answer": grpc.unary_unary_rpc_method_handler(handler.answer),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, methods),))
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError as exc:
+        raise OSError(f"cannot listen on {host}:{port}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (port in use or address invalid)")
+    stop = threading.Event()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {}
+    if in_main:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    spec = handler.server.spec
+    print(
+        f"pir-server party {party} listening on {host}:{bound} rows={spec.num_rows} "
+        f"width={spec.row_bytes} sha={handler.digest[:16]}",
+        flush=True,
+    )
+    if ready is not None:
+        ready(bound)
+    try:
+        if in_main:
+            stop.wait()
+        else:  # signals reach only the main thread; a served thread lives as long as the process
+            server.wait_for_termination()
+    finally:
+        server.stop(grace=1.0).wait()
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+class PrivateEmbeddingClient:
+    """Fetch rows from two non-colluding PIR servers without revealing which rows.
+
+    addresses: ["HOST:PORT" of party 0, "HOST:PORT" of party 1]. The constructor asks both for
+    their table's description and refuses servers that are down, swapped or hold different
+    tables. `fetch(ids)` returns the rows as a numpy array of shape (len(ids), *row_shape)."""
+
+    def __init__(self, addresses: Sequence[str], timeout: float = 10.0, max_batch: int = 512):
+        if isinstance(addresses, str) or len(addresses) != 2:
+            raise ValueError(
+                f"need exactly two server addresses [party 0, party 1], got {addresses}"
+            )
+        self.addresses = list(addresses)
+        self.timeout = timeout
+        self.max_batch = max_batch
+        self._channels = [grpc.insecure_channel(a, options=_OPTIONS) for a in self.addresses]
+        infos = [json.loads(self._call(i, "Info", b"")) for i in range(2)]
+        for i, info in enumerate(infos):
+            if info["party"] != i:
+                raise ValueError(
+                    f"server {self.addresses[i]} is party {info['party']}, listed as party {i}: "
+                    "give the party-0 server first"
+                )
+        keys = ("rows", "dtype", "row_shape", "sha256")
+        if any(infos[0][k] != infos[1][k] for k in keys):
+            a, b = ({k: info[k] for k in keys} for info in infos)
+            raise ValueError(
+                f"table mismatch: {self.addresses[0]} serves {a}, {self.addresses[1]} serves {b}"
+            )
+        info = infos[0]
+        self.digest = bytes.fromhex(info["sha256"])[:16]
+        self.spec = TableSpec(info["rows"], np.dtype(info["dtype"]), tuple(info["row_shape"]))
+
+    def _call(self, i: int, method: str, payload: bytes) -> bytes:
+        stub = self._channels[i].unary_unary(f"/{SERVICE}/{method}")
+        try:
+            return stub(payload, timeout=self.timeout, wait_for_ready=True)
+        except grpc.RpcError as exc:
+            raise self._error(i, exc) from exc
+
+    def _error(self, i: int, exc: grpc.RpcError) -> Exception:
+        addr, code = self.addresses[i], exc.code()
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return ConnectionError(
+                f"PIR server {addr} did not answer within {self.timeout:g} s ({code.name}); "
+                "is it running?"
+            )
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return ValueError(f"PIR server {addr} rejected the query: {exc.details()}")
+        return RuntimeError(f"PIR server {addr} failed: {code.name} {exc.details()}")
+
+    def _answers(self, keys_a: list[bytes], keys_b: list[bytes]) -> list[np.ndarray]:
+        pending = []
+        for i, keys in enumerate((keys_a, keys_b)):
+            stub = self._channels[i].unary_unary(f"/{SERVICE}/Answer")
+            pending.append(stub.future(encode_request(keys), timeout=self.timeout))
+        out = []
+        for i, fut in enumerate(pending):
+            try:
+                data = fut.result()
+            except grpc.RpcError as exc:
+                raise self._error(i, exc) from exc
+            head = _RESP.unpack_from(data) if len(data) >= _RESP.size else (b"", 0, 0, 0, b"")
+            magic, _, count, words, digest = head
+            size = _RESP.size + count * words * 8
+            if magic != b"PIRA" or (count, words, len(data)) != (
+                len(keys_a),
+                self.spec.words,
+                size,
+            ):
+                raise ValueError(f"PIR server {self.addresses[i]} sent a malformed answer")
+            if digest != self.digest:
+                raise ValueError(f"PIR server {self.addresses[i]} changed its table since connect")
+            out.append(np.frombuffer(data, np.uint64, count * words, _RESP.size).reshape(count, -1))
+        return out
+
+    def fetch(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Rows `ids` of the servers' table; neither server learns which."""
+        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if idx.size == 0:
+            return np.empty((0, *self.spec.row_shape), self.spec.dtype)
+        parts = []
+        for lo in range(0, idx.size, self.max_batch):
+            keys_a, keys_b = query(idx[lo : lo + self.max_batch], self.spec.num_rows)
+            parts.append(reconstruct(*self._answers(keys_a, keys_b), self.spec))
+        return np.concatenate(parts)
+
+    def close(self) -> None:
+        for ch in self._channels:
+            ch.close()
+
+    def __enter__(self) -> PrivateEmbeddingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve a .npy table as one PIR party.")
+    parser.add_argument("--table", required=True, help="FILE.npy, rows along axis 0")
+    parser.add_argument("--party", type=int, required=True, choices=(0, 1))
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    args = parser.parse_args(argv)
+    try:
+        serve(args.table, args.party, args.host, args.port)
+    except (ValueError, OSError) as exc:
+        sys.exit(f"pir-server: {exc}")
+
+
+if __name__ == "__main__":
+    main()

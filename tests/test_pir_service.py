@@ -1,0 +1,99 @@
+"""End to end: two real PIR server processes on 127.0.0.1 serve a PrivateEmbeddingClient."""
+
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import numpy as np
+import pytest
+
+from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, encode_request
+
+
+def _start(table_path, party):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedge.privacy.service", "--table", str(table_path)]
+        + ["--party", str(party), "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    line = proc.stdout.readline()
+    if not line.startswith(f"pir-server party {party} listening on 127.0.0.1:"):
+        proc.kill()
+        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()}")
+    return proc, line.split()[5]
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pir")
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((3001, 24)).astype(np.float16)
+    other = table.copy()
+    other[17, 3] += 1
+    np.save(root / "table.npy", table)
+    np.save(root / "other.npy", other)
+    procs = {}
+    try:
+        for name, path, party in (("a", "table", 0), ("b", "table", 1), ("c", "other", 1)):
+            procs[name] = _start(root / f"{path}.npy", party)
+        yield table, {name: addr for name, (_, addr) in procs.items()}, procs
+    finally:
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+            proc.stderr.close()
+
+
+def test_client_fetches_exact_rows(servers):
+    table, addr, _ = servers
+    ids = [0, 3000, 17, 17, 1024, 2047, 5]
+    with PrivateEmbeddingClient([addr["a"], addr["b"]]) as client:
+        rows = client.fetch(ids)
+        assert rows.dtype == np.float16 and rows.shape == (7, 24)
+        assert rows.tobytes() == table[ids].tobytes()
+        many = np.random.default_rng(1).integers(0, 3001, 700)  # more than one RPC batch
+        assert client.fetch(many).tobytes() == table[many].tobytes()
+        with pytest.raises(IndexError, match="out of range"):
+            client.fetch([3001])
+
+
+def test_table_mismatch_and_swapped_parties(servers):
+    _, addr, _ = servers
+    with pytest.raises(ValueError, match="table mismatch"):
+        PrivateEmbeddingClient([addr["a"], addr["c"]])
+    with pytest.raises(ValueError, match="party-0 server first"):
+        PrivateEmbeddingClient([addr["b"], addr["a"]])
+
+
+def test_server_rejects_malformed_keys(servers):
+    _, addr, _ = servers
+    with grpc.insecure_channel(addr["a"]) as channel:
+        answer = channel.unary_unary(f"/{SERVICE}/Answer")
+        with pytest.raises(grpc.RpcError) as info:
+            answer(encode_request([b"DP\x01\x00\x0c" + b"\x00" * 40]), timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "must be" in info.value.details()
+        with pytest.raises(grpc.RpcError, match="not a PIR request"):
+            answer(b"garbage-bytes-here", timeout=10)
+
+
+def test_down_server_is_named(servers):
+    _, addr, _ = servers
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(ConnectionError, match=f"{dead} did not answer"):
+        PrivateEmbeddingClient([addr["a"], dead], timeout=0.5)
+
+
+def test_sigterm_stops_cleanly(servers):
+    _, _, procs = servers
+    proc = procs["c"][0]
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
