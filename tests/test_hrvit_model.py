@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from test_hrvit_task import one_thread  # noqa: F401  (autouse: one torch thread on 2 shared cores)
 
 from fedge.tasks.hrvit.model import (
     CONFIGS,
