@@ -99,3 +99,18 @@ def test_bad_configs_are_rejected_with_clear_errors():
         HRViTConfig(blocks=((1,), (1, 1), (1, 1), (1, 1, 1, 1)))
     with pytest.raises(ValueError, match="bad HRViT config override"):
         build_model("tiny", depth=3)
+
+
+def test_peers_share_the_tiny_parameter_budget_and_output_shape():
+    from fedge.tasks.hrvit.baselines import PlainViT, SmallUNet
+
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    budget = count(build_model("tiny"))
+    x = torch.randn(2, 3, 64, 64)
+    for peer in (PlainViT(8, 64), SmallUNet(8, width=19)):
+        assert abs(count(peer) - budget) / budget < 0.05
+        assert peer(x).shape == (2, 8, 64, 64)
+    with pytest.raises(ValueError, match="built for 256 patches"):
+        PlainViT(8, 64)(torch.randn(1, 3, 32, 32))
