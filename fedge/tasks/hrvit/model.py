@@ -14,9 +14,11 @@ every branch receives the sum of all branches resampled to its resolution. An HR
 
 HRViTAttention attends within cross-shaped stripe windows (half the heads in horizontal
 stripes, half in vertical ones), uses one projection for keys and values (shared K = V),
-adds a depthwise convolution of V in parallel, then Hardswish, a projection and a BatchNorm
-whose scale starts at zero (so each block starts as the identity). MixCFN puts two depthwise
-convolutions (kernel 3 and 5, on half the hidden channels each) between its linear layers.
+adds a depthwise convolution of V in parallel, then Hardswish and a projection; a
+diversity-enhanced shortcut (a Hardswish linear path from the block input) joins before a
+BatchNorm whose scale starts at zero, so the attention branch starts silent. MixCFN puts two
+depthwise convolutions (kernel 3 and 5, on half the hidden channels each) between its linear
+layers.
 The head is SegFormer's all-MLP decoder, which the paper pairs with HRViT on ADE20K.
 """
 
