@@ -16,6 +16,7 @@ from fedge.tasks.mobilellm.model import (
     generate,
     load_hf_checkpoint,
     num_parameters,
+    save_hf_checkpoint,
 )
 
 TINY = ModelConfig(
@@ -216,3 +217,13 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path):
     )
     with pytest.raises(ValueError, match="missing"):
         load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize("changes", [{}, {"layer_repeat": 2, "tie_embeddings": False}])
+def test_saved_checkpoint_loads_back(tmp_path, changes):
+    model = tiny(**changes)
+    save_hf_checkpoint(model, tmp_path)
+    loaded = load_hf_checkpoint(tmp_path)
+    assert loaded.config == model.config
+    idx = torch.randint(0, 61, (2, 9))
+    torch.testing.assert_close(loaded(idx), model(idx))

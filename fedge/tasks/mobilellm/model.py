@@ -384,6 +384,36 @@ def load_hf_checkpoint(folder: str | Path) -> Transformer:
     return model
 
 
+def save_hf_checkpoint(model: Transformer, folder: str | Path) -> None:
+    """Write config.json + model.safetensors in the Hugging Face Llama layout, so a model
+    trained here loads as a pretrained base (e.g. for LoRA fine-tuning on devices)."""
+    from safetensors.torch import save_file
+
+    cfg, folder = model.config, Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.n_kv_head,
+        "max_position_embeddings": cfg.block_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_base,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "layer_sharing": cfg.layer_repeat == 2,
+        "hidden_act": "silu",
+    }
+    if cfg.layer_repeat not in (1, 2):
+        raise ValueError(f"HF configs express layer_repeat 1 or 2, not {cfg.layer_repeat}")
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in model.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+
+
 @torch.inference_mode()
 def generate(model: Transformer, prompt: Tensor, max_new_tokens: int) -> Tensor:
     """Plain greedy decoding with the KV cache: prefill the prompt (1, P), then one token
