@@ -21,6 +21,7 @@ import hashlib
 import secrets
 import struct
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numba
@@ -221,29 +222,103 @@ _LEVEL = {p: numba.njit(parallel=p, cache=True)(_correct_level) for p in (False,
 _LEAVES = {p: numba.njit(parallel=p, cache=True)(_finish_leaves) for p in (False, True)}
 
 
-def _check_batch(keys: list[DPFKey]) -> int:
-    if not keys:
-        raise ValueError("expand needs at least one DPF key")
-    bits = {k.domain_bits for k in keys}
-    if len(bits) != 1:
-        raise ValueError(f"keys of one batch must share a domain size, got domain_bits {bits}")
-    return bits.pop()
+@dataclass(frozen=True)
+class KeyBatch:
+    """Keys of one domain and party mix, stored by field (what `expand` walks level by level).
+    `parse` decodes a whole batch of serialized keys with array operations, not key by key."""
+
+    domain_bits: int
+    party: np.ndarray  # (keys,) uint64
+    seed: np.ndarray  # (keys, 2) uint64
+    cw_seed: np.ndarray  # (depth, keys, 2) uint64
+    cw_bits: np.ndarray  # (depth, keys, 2) uint64
+    cw_out: np.ndarray  # (keys, 2) uint64
+
+    def __len__(self) -> int:
+        return self.party.size
+
+    @classmethod
+    def of(cls, keys: Sequence[DPFKey]) -> KeyBatch:
+        if not keys:
+            raise ValueError("a key batch needs at least one DPF key")
+        bits = {k.domain_bits for k in keys}
+        if len(bits) != 1:
+            raise ValueError(f"keys of one batch must share a domain size, got domain_bits {bits}")
+        depth = tree_depth(keys[0].domain_bits)
+        return cls(
+            keys[0].domain_bits,
+            np.array([k.party for k in keys], np.uint64),
+            np.stack([k.seed for k in keys]),
+            np.stack([k.cw_seed for k in keys], axis=1).reshape(depth, len(keys), 2),
+            np.stack([k.cw_bits for k in keys], axis=1).reshape(depth, len(keys), 2),
+            np.stack([k.cw_out for k in keys]),
+        )
+
+    @classmethod
+    def parse(cls, keys: Sequence[bytes]) -> KeyBatch:
+        """Decode serialized keys; a malformed one raises ValueError naming its position."""
+        if not keys:
+            raise ValueError("a key batch needs at least one DPF key")
+        first = keys[0]
+        uniform = all(isinstance(k, bytes | bytearray | memoryview) for k in keys) and (
+            len({len(k) for k in keys}) == 1
+        )
+        bits = first[4] if uniform and len(first) >= _HEADER.size else 0
+        if not (1 <= bits <= MAX_DOMAIN_BITS and len(first) == key_size(bits)):
+            cls._raise_first_bad(keys)
+        raw = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+        depth = tree_depth(bits)
+        head = np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8)
+        ctrl = raw[:, 21 + 16 * depth : 21 + 17 * depth]
+        bad = (raw[:, [0, 1, 2, 4]] != head[[0, 1, 2, 4]]).any(1) | (raw[:, 3] > 1)
+        bad |= (ctrl > 3).any(1)
+        if bad.any():
+            cls._raise_first_bad(keys)
+
+        def words(lo: int, n: int) -> np.ndarray:
+            return np.ascontiguousarray(raw[:, lo : lo + 8 * n]).view(np.uint64)
+
+        ctrl = ctrl.T.astype(np.uint64)
+        return cls(
+            bits,
+            raw[:, 3].astype(np.uint64),
+            words(5, 2),
+            words(21, 2 * depth).reshape(len(keys), depth, 2).transpose(1, 0, 2).copy(),
+            np.stack([ctrl & _ONE, ctrl >> _ONE], axis=2),
+            words(21 + 17 * depth, 2),
+        )
+
+    @staticmethod
+    def _raise_first_bad(keys: Sequence[bytes]) -> None:
+        ref = None
+        for i, data in enumerate(keys):
+            try:
+                key = DPFKey.from_bytes(data)
+            except ValueError as exc:
+                raise ValueError(f"key {i}: {exc}") from None
+            if ref is not None and key.domain_bits != ref:
+                raise ValueError(
+                    f"key {i} is for a 2^{key.domain_bits} domain, key 0 for 2^{ref}: "
+                    "keys of one batch must share a domain size"
+                )
+            ref = key.domain_bits
+        raise AssertionError("unreachable: some key was malformed")
 
 
-def expand(keys: list[DPFKey]) -> np.ndarray:
+def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     """Full-domain evaluation of a batch of keys: (len(keys), words) uint64, bit x of key i is
     bit (x & 63) of word x >> 6 of row i. All keys go through one AES call per tree level, and
-    the levels ping-pong between three buffers allocated once (fresh pages cost more than AES)."""
-    domain_bits = _check_batch(keys)
-    depth, k = tree_depth(domain_bits), len(keys)
+    the levels ping-pong between buffers allocated once (fresh pages cost more than AES)."""
+    batch = keys if isinstance(keys, KeyBatch) else KeyBatch.of(keys)
+    domain_bits, k = batch.domain_bits, len(batch)
+    depth = tree_depth(domain_bits)
     size = k * (2 << depth) * 2  # words of the widest level: the leaves' value inputs
     bufs = [np.empty(size, np.uint64) for _ in range(2)]
     aes_out = np.empty(size + 2, np.uint64)
-    t = np.array([[key.party] for key in keys], np.uint64)
-    seeds = np.stack([key.seed for key in keys])[:, None, :]
+    t = batch.party.reshape(k, 1)
     tweaks = BRANCH if depth else T_VALUE[None]
     inp = bufs[0][: k * tweaks.size].reshape(k, 1, -1, 2)
-    np.bitwise_xor(seeds[:, :, None, :], tweaks, out=inp)
+    np.bitwise_xor(batch.seed[:, None, None, :], tweaks, out=inp)
     enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
     for level in range(depth):
         out = aes_out[: inp.size].reshape(inp.shape)
@@ -252,13 +327,12 @@ def expand(keys: list[DPFKey]) -> np.ndarray:
         nodes = 2 << level
         nxt = bufs[(level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
         nxt_t = np.empty((k, nodes), np.uint64)
-        cw_seed = np.stack([key.cw_seed[level] for key in keys])
-        cw_bits = np.stack([key.cw_bits[level] for key in keys])
-        _LEVEL[t.size >= _PARALLEL_MIN_NODES](out, inp, t, cw_seed, cw_bits, nxt, nxt_t, tweaks)
+        kernel = _LEVEL[t.size >= _PARALLEL_MIN_NODES]
+        kernel(out, inp, t, batch.cw_seed[level], batch.cw_bits[level], nxt, nxt_t, tweaks)
         inp, t = nxt, nxt_t
     enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
     out = aes_out[: inp.size].reshape(inp.shape)
-    _LEAVES[t.size >= _PARALLEL_MIN_NODES](out, inp, t, np.stack([key.cw_out for key in keys]))
+    _LEAVES[t.size >= _PARALLEL_MIN_NODES](out, inp, t, batch.cw_out)
     words = out.reshape(k, -1)
     if domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
         words = words[:, :1] & np.uint64((1 << (1 << domain_bits)) - 1)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from fedge.privacy.dpf import DPFKey, expand, gen_batch
+from fedge.privacy.dpf import DPFKey, KeyBatch, expand, gen_batch
 
 GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
 GROUP = 4  # rows per lookup table in the gray kernel
@@ -157,7 +157,6 @@ _answer_mask_jit = numba.njit(cache=True)(_answer_mask)
 _answer_gray_jit = numba.njit(cache=True)(_answer_gray)
 
 
-@numba.njit(parallel=True, cache=True)
 def _answer_batch(table, bits, acc, gray):
     """One pass: thread p XORs its chunk of rows into its own accumulator acc[p]."""
     parts, rows = acc.shape[0], table.shape[0]
@@ -170,19 +169,31 @@ def _answer_batch(table, bits, acc, gray):
             _answer_mask_jit(table, bits, acc[p], lo, hi)
 
 
+# A serial build for small passes: on a shared machine a parallel region waits for its slowest
+# thread, which costs more than a small table's whole pass.
+_ANSWER = {p: numba.njit(parallel=p, cache=True)(_answer_batch) for p in (False, True)}
+PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
+
+
 def answer_words(table: np.ndarray, bits: np.ndarray, kernel: str = "auto") -> np.ndarray:
     """E @ T over GF(2): table (rows, words) uint64, bits (queries, >= rows/64) uint64."""
     if kernel not in ("auto", "gray", "mask"):
         raise ValueError(f"kernel must be 'auto', 'gray' or 'mask', got {kernel!r}")
     gray = kernel == "gray" or (kernel == "auto" and bits.shape[0] >= GRAY_MIN_QUERIES)
-    parts = numba.get_num_threads() if table.shape[0] >= 1 << 14 else 1
+    parallel = table.shape[0] >= 1 << 12 and table.size * bits.shape[0] >= PARALLEL_MIN_WORDS
+    parts = numba.get_num_threads() if parallel else 1
     acc = np.zeros((parts, bits.shape[0], table.shape[1]), np.uint64)
-    _answer_batch(table, bits, acc, gray)
+    _ANSWER[parallel](table, bits, acc, gray)
     return np.bitwise_xor.reduce(acc, axis=0)
 
 
-def _parse_keys(keys: Sequence[DPFKey | bytes]) -> list[DPFKey]:
-    return [k if isinstance(k, DPFKey) else DPFKey.from_bytes(k) for k in keys]
+def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
+    """Keys in any accepted form (a KeyBatch, DPFKey objects, or serialized bytes) as a batch."""
+    if isinstance(keys, KeyBatch):
+        return keys
+    if keys and all(isinstance(k, DPFKey) for k in keys):
+        return KeyBatch.of(keys)
+    return KeyBatch.parse(keys)
 
 
 class PIRServer:
@@ -204,20 +215,18 @@ class PIRServer:
         self.words = as_words(table)
         self._torch = None if device == "cpu" else TorchAnswerer(self.words, device)
 
-    def answer(self, keys: Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
-        """Answers (queries, words) uint64 for a batch of keys (DPFKey or serialized bytes)."""
-        parsed = _parse_keys(keys)
-        if not parsed:
-            raise ValueError("answer needs at least one key")
-        for i, key in enumerate(parsed):
-            if key.domain_bits != self.spec.domain_bits:
-                raise ValueError(
-                    f"key {i} is for a 2^{key.domain_bits} domain, this table of "
-                    f"{self.spec.num_rows} rows needs 2^{self.spec.domain_bits}"
-                )
-            if self.party is not None and key.party != self.party:
-                raise ValueError(f"key {i} is for party {key.party}, this server is {self.party}")
-        bits = expand(parsed)
+    def answer(self, keys: KeyBatch | Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
+        """Answers (queries, words) uint64 for a batch of keys (see `as_batch`)."""
+        batch = as_batch(keys)
+        if batch.domain_bits != self.spec.domain_bits:
+            raise ValueError(
+                f"keys are for a 2^{batch.domain_bits} domain, this table of "
+                f"{self.spec.num_rows} rows needs 2^{self.spec.domain_bits}"
+            )
+        if self.party is not None and (batch.party != self.party).any():
+            i = int(np.flatnonzero(batch.party != self.party)[0])
+            raise ValueError(f"key {i} is for party {1 - self.party}, this server is {self.party}")
+        bits = expand(batch)
         if self._torch is not None:
             return self._torch(bits)
         return answer_words(self.words, bits, kernel)

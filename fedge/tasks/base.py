@@ -118,7 +118,7 @@ class Task(ABC):
     def finalize(self, sums: dict[str, float]) -> dict[str, float]:
         """Turn accumulated sums into metrics; the default gives mean loss and accuracy."""
         n = max(sums.get("num_examples", 0.0), 1.0)
-        out = {"loss": sums["loss"] / n, "num_examples": sums.get("num_examples", 0.0)}
+        out = {"loss": sums.get("loss", 0.0) / n, "num_examples": sums.get("num_examples", 0.0)}
         if "correct" in sums:
             out["accuracy"] = sums["correct"] / n
         return out
@@ -172,9 +172,7 @@ def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) ->
     torch.manual_seed(cfg.seed)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-    )
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     start = time.perf_counter()
     steps, seen, loss_sum, stopped = 0, 0, 0.0, False

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+from fedge.config import load_object
 from fedge.tasks.base import Task
 
 # Imported lazily so that `fedge --help` does not pay for every model's imports.
@@ -15,21 +15,6 @@ TASKS: dict[str, str] = {
     "kws": "fedge.tasks.asr.task:KeywordTask",
     "hrvit": "fedge.tasks.hrvit.task:HRViTTask",
 }
-
-
-def load_object(spec: str) -> Any:
-    """Import `package.module:Name`; errors say what was wrong and how to write it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{spec!r} is not of the form 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
 def task_class(name: str) -> type[Task]:

@@ -1,0 +1,171 @@
+"""The `fedge` command: run (simulation), server, client, pir-server.
+
+Every RunConfig field is a flag (`--num-clients`, `--lr`, ...); `--config FILE.toml` sets
+any of them and flags win. A bad value exits with status 2 and one line naming the field.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from fedge.config import ConfigError, RunConfig, parse_option
+
+SERVER_ONLY = {"backend"}  # RunConfig fields that make no sense for `fedge server`
+
+
+def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+    """One flag per RunConfig field (dict fields take repeatable key=value options)."""
+    parser.add_argument("--config", help="TOML file with any of the fields below; flags win")
+    for f in dataclasses.fields(RunConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if str(f.type).startswith("dict"):
+            parser.add_argument(
+                flag.removesuffix("s"),
+                dest=f.name,
+                action="append",
+                metavar="KEY=VALUE",
+                help=f"{f.metadata['help']} (repeatable)",
+            )
+        else:
+            parser.add_argument(
+                flag, dest=f.name, metavar=f.name.upper(), help=f"{f.metadata['help']} [{default}]"
+            )
+
+
+def config_from_args(args: argparse.Namespace, skip: set[str] = frozenset()) -> RunConfig:
+    """Merge TOML and flags into one checked RunConfig."""
+    flags: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(args, f.name, None) if f.name not in skip else None
+        if value is None:
+            continue
+        flags[f.name] = dict(parse_option(v) for v in value) if isinstance(value, list) else value
+    if args.config:
+        return RunConfig.from_toml(args.config, flags)
+    return RunConfig.from_mapping(flags)
+
+
+def print_table(history: list[dict[str, Any]], metric: str) -> None:
+    """The results table: one row per round."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="fedge results")
+    for col in ("round", metric, "loss", "clients", "failures", "train s/client", "seconds"):
+        table.add_column(col, justify="right")
+    for r in history:
+        value = r.get(metric)
+        table.add_row(
+            str(r["round"]),
+            f"{value:.4f}" if isinstance(value, float) else "n/a",
+            f"{r.get('loss', float('nan')):.4f}",
+            str(r.get("num_clients", 0)),
+            str(r.get("failures", 0)),
+            f"{r.get('train_seconds_mean', 0.0):.2f}",
+            f"{r.get('seconds', 0.0):.1f}",
+        )
+    Console(highlight=False).print(table)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fedge.server.app import simulate
+    from fedge.tasks import task_class
+
+    cfg = config_from_args(args)
+    history = simulate(cfg)
+    print_table(history, task_class(cfg.task).metric)
+    print(f"history, checkpoints and plot in {cfg.out}/")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from fedge.server.deploy import serve
+    from fedge.tasks import task_class
+
+    if args.min_clients is not None:
+        args.num_clients = args.min_clients
+    cfg = config_from_args(args, skip=SERVER_ONLY)
+    history = serve(cfg, host=args.host, port=args.port)
+    print_table(history, task_class(cfg.task).metric)
+    print(f"history, checkpoints and plot in {cfg.out}/")
+    return 0
+
+
+def cmd_client(args: argparse.Namespace) -> int:
+    from fedge.client.sdk import join
+
+    return join(
+        server=args.server,
+        task=args.task,
+        partition_id=args.partition_id,
+        num_partitions=args.num_partitions,
+        max_train_seconds=args.max_train_seconds,
+        data_dir=args.data_dir,
+    )
+
+
+def cmd_pir_server(args: argparse.Namespace) -> int:
+    from fedge.privacy.service import serve
+
+    serve(args.table, party=args.party, host=args.host, port=args.port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedge", description="Federated learning for edge devices, built on Flower."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="simulate a federated run in one process tree")
+    add_run_flags(run)
+    run.set_defaults(func=cmd_run)
+
+    server = sub.add_parser("server", help="start a Flower SuperLink and run the federation")
+    add_run_flags(server, skip=SERVER_ONLY)
+    server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")
+    server.set_defaults(func=cmd_server)
+
+    client = sub.add_parser("client", help="start one client process that joins a server")
+    client.add_argument("--server", required=True, metavar="HOST:PORT")
+    client.add_argument("--task", default="digits", help="the server's task [digits]")
+    client.add_argument("--partition-id", type=int, required=True)
+    client.add_argument("--num-partitions", type=int, required=True)
+    client.add_argument(
+        "--max-train-seconds", type=float, default=0.0, help="round budget [0: none]"
+    )
+    client.add_argument("--data-dir", help="local dataset folder (else the task's offline data)")
+    client.set_defaults(func=cmd_client)
+
+    pir = sub.add_parser("pir-server", help="serve one party of two-server private retrieval")
+    pir.add_argument("--table", required=True, help="the embedding table, a .npy file")
+    pir.add_argument("--party", type=int, choices=(0, 1), required=True)
+    pir.add_argument("--host", default="127.0.0.1")
+    pir.add_argument("--port", type=int, default=50051)
+    pir.set_defaults(func=cmd_pir_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, TimeoutError) as exc:
+        print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedge {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,162 @@
+"""A Flower ClientApp built from any fedge Task.
+
+The server sends, with each instruction, the run's spec (task, partition scheme, local
+hyper-parameters) in the ConfigRecord; the node's own `node_config` says which partition
+it holds and may override the device's budget (`max-train-seconds`) and data folder.
+The same app runs in a real SuperNode, in Flower's simulation and in fedge's grids.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedge.data.partition import partition
+from fedge.tasks import Task, TrainConfig, build_task
+
+EVAL_FRACTION = 0.1  # of each client's partition, held out for federated evaluation
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What the server tells every client about the run (hashable: it keys the caches)."""
+
+    task: str
+    task_options: str  # JSON, sorted keys
+    data_dir: str
+    partition: str
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: ConfigRecord, node_config: dict[str, Any]) -> RunSpec:
+        task = str(config["task"])
+        local_task = node_config.get("task")
+        if local_task and local_task != task:
+            raise ValueError(
+                f"this client was started for task {local_task!r} but the server runs {task!r}; "
+                "start the client with the server's --task"
+            )
+        return cls(
+            task=task,
+            task_options=str(config.get("task-options", "{}")),
+            data_dir=str(node_config.get("data-dir") or config.get("data-dir", "")),
+            partition=str(config.get("partition", "iid")),
+            seed=int(config.get("seed", 0)),
+        )
+
+
+@functools.lru_cache(maxsize=4)
+def load_task(spec: RunSpec) -> Task:
+    """One Task (and its data) per process and run, shared by every virtual client."""
+    options = json.loads(spec.task_options)
+    return build_task(spec.task, data_dir=spec.data_dir or None, seed=spec.seed, **options)
+
+
+@functools.lru_cache(maxsize=4)
+def client_partitions(spec: RunSpec, num_partitions: int) -> list[np.ndarray]:
+    task = load_task(spec)
+    return partition(
+        task.train_labels(), num_partitions, spec.partition, spec.seed, task.train_groups()
+    )
+
+
+def client_data(spec: RunSpec, node_config: dict[str, Any]) -> tuple[Task, Dataset, Dataset]:
+    """The task plus this node's local train and evaluation splits."""
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if not 0 <= pid < num:
+        raise ValueError(f"partition-id {pid} is outside 0..{num - 1}")
+    task = load_task(spec)
+    indices = np.random.default_rng([spec.seed, pid]).permutation(client_partitions(spec, num)[pid])
+    n_eval = max(1, int(len(indices) * EVAL_FRACTION)) if len(indices) > 1 else 0
+    return task, task.train_dataset(indices[n_eval:]), task.train_dataset(indices[:n_eval])
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def model_from(task: Task, arrays: ArrayRecord, device: torch.device) -> nn.Module:
+    """The task's model holding the global weights that arrived with the message."""
+    model = task.build_model()
+    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    return model.to(device)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far (what a device would have to hold)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) -> TrainConfig:
+    """Local hyper-parameters from the server, the budget from the node if it sets one."""
+    budget = node_config.get("max-train-seconds", config.get("max-train-seconds", 0.0))
+    rnd = int(config.get("server-round", 1))
+    return TrainConfig(
+        epochs=int(config.get("local-epochs", 1)),
+        batch_size=int(config.get("batch-size", 32)),
+        lr=float(config.get("lr", 0.05)) * float(config.get("lr-decay", 1.0)) ** (rnd - 1),
+        momentum=float(config.get("momentum", 0.0)),
+        max_seconds=float(budget),
+        proximal_mu=float(config.get("proximal-mu", 0.0)),
+        seed=int(config.get("seed", 0)) * 1_000_003 + pid * 1009 + rnd,
+    )
+
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the global model on the local partition and reply with weights and device metrics."""
+    config = msg.content["config"]
+    spec = RunSpec.from_config(config, context.node_config)
+    task, train_data, _ = client_data(spec, context.node_config)
+    device = resolve_device(str(config.get("device", "cpu")))
+    model = model_from(task, msg.content["arrays"], device)
+    cfg = train_config(config, context.node_config, int(context.node_config["partition-id"]))
+    started = time.perf_counter()
+    report = task.train(model, train_data, cfg)
+    arrays = ArrayRecord(model.to("cpu").state_dict())
+    metrics = MetricRecord(
+        {
+            "num-examples": len(train_data),
+            "train_loss": report.loss,
+            "train_seconds": time.perf_counter() - started,
+            "peak_rss_mb": peak_rss_mb(),
+            "examples_seen": report.num_examples,
+            "steps": report.steps,
+            "stopped_early": int(report.stopped_early),
+            "update_bytes": arrays.count_bytes(),
+        }
+    )
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluate the global model on the node's held-out local split."""
+    config = msg.content["config"]
+    spec = RunSpec.from_config(config, context.node_config)
+    task, _, eval_data = client_data(spec, context.node_config)
+    model = model_from(
+        task, msg.content["arrays"], resolve_device(str(config.get("device", "cpu")))
+    )
+    result = task.evaluate(model, eval_data)
+    metrics = {k: float(v) for k, v in result.items() if k != "num_examples"}
+    metrics["num-examples"] = len(eval_data)
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

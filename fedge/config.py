@@ -1,0 +1,194 @@
+"""One typed run configuration. A TOML file and command-line flags both land here.
+
+Every field has a default, a type and a check; `RunConfig.from_mapping` names the field
+and what is allowed when a value is wrong, so a bad config fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def opt(default: Any, help: str) -> Any:
+    """A config field with its default and the help text `fedge --help` shows."""
+    return field(default=default, metadata={"help": help})
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field and what is allowed."""
+
+
+@dataclass
+class RunConfig:
+    """Everything a federated run needs; field docs appear in `fedge run --help`."""
+
+    task: str = opt("digits", "task name (digits, mobilellm, asr, kws, hrvit) or module:Class")
+    task_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "keyword options of the task"}
+    )
+    data_dir: str | None = opt(None, "folder with a real dataset for the task (else offline data)")
+    num_clients: int = opt(10, "total clients (partitions); the server waits for this many")
+    clients_per_round: int = opt(0, "clients sampled per round (0: all)")
+    rounds: int = opt(5, "federated rounds")
+    strategy: str = opt("fedavg", "strategy name or module:Class")
+    strategy_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "strategy keyword options"}
+    )
+    partition: str = opt("iid", "iid, label-k:K, dirichlet:ALPHA, quantity:ALPHA, natural")
+    local_epochs: int = opt(2, "passes over local data per round")
+    batch_size: int = opt(16, "local minibatch size")
+    lr: float = opt(0.05, "local SGD learning rate")
+    momentum: float = opt(0.9, "local SGD momentum")
+    lr_decay: float = opt(1.0, "learning rate multiplier per round")
+    max_train_seconds: float = opt(0.0, "per-round local training budget in seconds (0: none)")
+    eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
+    round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
+    seed: int = opt(0, "seed for model init, partitions and sampling")
+    backend: str = opt("local", "simulation engine: local (in-process), flower (run_simulation)")
+    out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
+    device: str = opt("cpu", "torch device for training: cpu, cuda, or auto")
+
+    # --- loading ------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
+        """Build from a flat mapping (TOML or flags); unknown keys and bad types are errors."""
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"{key}: unknown field; known fields: {', '.join(known)}")
+            kwargs[name] = _coerce(name, known[name].type, value)
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def from_toml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+        """Read a TOML file; `overrides` (from flags) win over its values."""
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config: file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config: {path} is not valid TOML: {exc}") from None
+        return cls.from_mapping({**values, **(overrides or {})})
+
+    def validate(self) -> None:
+        """Check ranges and cross-field rules; raise ConfigError naming the field."""
+        from fedge.data.partition import parse_scheme
+
+        _check(self.num_clients >= 1, "num_clients", "must be >= 1", self.num_clients)
+        _check(
+            0 <= self.clients_per_round <= self.num_clients,
+            "clients_per_round",
+            f"must be between 0 and num_clients ({self.num_clients})",
+            self.clients_per_round,
+        )
+        _check(self.rounds >= 1, "rounds", "must be >= 1", self.rounds)
+        _check(self.local_epochs >= 1, "local_epochs", "must be >= 1", self.local_epochs)
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        _check(self.lr > 0, "lr", "must be > 0", self.lr)
+        _check(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
+        _check(0 < self.lr_decay <= 1, "lr_decay", "must be in (0, 1]", self.lr_decay)
+        _check(
+            self.max_train_seconds >= 0, "max_train_seconds", "must be >= 0", self.max_train_seconds
+        )
+        _check(
+            0 <= self.eval_fraction <= 1, "eval_fraction", "must be in [0, 1]", self.eval_fraction
+        )
+        _check(self.round_timeout > 0, "round_timeout", "must be > 0", self.round_timeout)
+        _check(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}", self.backend)
+        _check(
+            self.device in ("cpu", "cuda", "auto"),
+            "device",
+            "must be cpu, cuda or auto",
+            self.device,
+        )
+        try:
+            parse_scheme(self.partition)
+        except ValueError as exc:
+            raise ConfigError(f"partition: {exc}") from None
+
+    # --- derived ------------------------------------------------------------------------
+    @property
+    def sampled_per_round(self) -> int:
+        return self.clients_per_round or self.num_clients
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+BACKENDS = ("local", "flower")
+
+
+def _check(ok: bool, name: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {rule}, got {value!r}")
+
+
+def _coerce(name: str, annotation: Any, value: Any) -> Any:
+    """Convert a TOML or flag value to the field's type, or explain what was expected."""
+    kind = str(annotation)
+    try:
+        if kind.startswith("dict"):
+            if isinstance(value, str):
+                value = json.loads(value)
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if kind.startswith("str | None"):
+            return None if value in (None, "") else str(value)
+        if kind == "str":
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        pass
+    else:
+        return value
+    expected = {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, "a table")
+    raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+
+
+def parse_option(text: str) -> tuple[str, Any]:
+    """`key=value` from a `--task-option`/`--strategy-option` flag; JSON values are parsed."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"option {text!r}: expected key=value")
+    try:
+        return key.replace("-", "_"), json.loads(raw)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), raw
+
+
+def load_object(spec: str) -> Any:
+    """Import `package.module:Name`; errors say what was wrong and how to write it."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r} is not of the form 'package.module:ClassName'")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None

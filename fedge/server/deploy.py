@@ -1,0 +1,138 @@
+"""`fedge server`: a real Flower SuperLink plus one run of fedge's ServerApp on it.
+
+Flower 1.42 needs three things for a deployed run: a SuperLink process (one HTTP port for
+SuperNodes and the control API), a Flower App folder naming the ServerApp and ClientApp,
+and `flwr run` pointed at the SuperLink through a connection in `$FLWR_HOME/config.toml`.
+fedge writes the app folder and the connection inside `--out`, so nothing outside the run
+folder is touched, and runs with dependency installation off (everything is installed).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from fedge.config import RunConfig
+from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
+from fedge.server.app import CONFIG_KEY
+from fedge.server.history import load_history
+
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedge-run"
+version = "1.0.0"
+description = "A fedge run"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedge"
+
+[tool.flwr.app.components]
+serverapp = "fedge.server.app:app"
+clientapp = "fedge.client.app:app"
+
+[tool.flwr.app.config]
+{key} = ""
+"""
+
+CONNECTION = """\
+[superlink]
+default = "fedge"
+
+[superlink.fedge]
+address = "{address}"
+insecure = true
+"""
+
+FLOWER_LOG_PREFIXES = ("\x1b[92mINFO", "INFO ", "\x1b[94mDEBUG")
+
+
+def write_run_files(cfg: RunConfig, address: str) -> tuple[Path, Path, Path]:
+    """The run's config JSON, the Flower App folder and FLWR_HOME, all under cfg.out."""
+    out = Path(cfg.out).resolve()
+    app_dir, flwr_home = out / ".flower-app", out / ".flwr"
+    app_dir.mkdir(parents=True, exist_ok=True)
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(key=CONFIG_KEY))
+    (flwr_home / "config.toml").write_text(CONNECTION.format(address=address))
+    cfg_path = out / "run-config.json"
+    cfg_path.write_text(json.dumps({**cfg.to_dict(), "out": str(out)}, indent=2))
+    return cfg_path, app_dir, flwr_home
+
+
+def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092) -> list[dict[str, Any]]:
+    """Start a SuperLink on host:port, run all rounds, stop the SuperLink, return history."""
+    address = f"{host}:{port}"
+    cfg_path, app_dir, flwr_home = write_run_files(cfg, address)
+    out = cfg_path.parent
+    env = {"FLWR_HOME": str(flwr_home)}
+    superlink = start(
+        [
+            flower_tool("flower-superlink"),
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            host,
+            "--port",
+            str(port),
+        ],
+        log=out / "superlink.log",
+        env=env,
+    )
+    try:
+        wait_for_port(host, port, timeout=60, proc=superlink)
+        print(f"fedge server: SuperLink listening on {address}; start clients with")
+        print(
+            f"  fedge client --server {address} --task {cfg.task} --partition-id I "
+            f"--num-partitions {cfg.num_clients}"
+        )
+        run_flower_app(app_dir, cfg_path, env, out / "server.log")
+    finally:
+        stop(superlink)
+    history = load_history(out)
+    if len(history) < cfg.rounds:
+        raise RuntimeError(
+            f"the run stopped after {len(history)} of {cfg.rounds} rounds; see {out}/server.log"
+        )
+    return history
+
+
+def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path) -> None:
+    """`flwr run --stream`: show fedge's own lines, keep Flower's chatter in the log file."""
+    cmd = [
+        flower_tool("flwr"),
+        "run",
+        str(app_dir),
+        "fedge",
+        "--run-config",
+        f"{CONFIG_KEY}='{cfg_path}'",
+        "--stream",
+    ]
+    with (
+        open(log, "w") as logfile,
+        subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=tool_env(env),
+        ) as proc,
+    ):
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            logfile.write(line)
+            logfile.flush()
+            if not line.startswith(FLOWER_LOG_PREFIXES) and line.strip():
+                print(line, end="", flush=True)
+        if proc.wait() != 0:
+            raise RuntimeError(f"flwr run failed with status {proc.returncode}; see {log}")

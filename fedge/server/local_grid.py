@@ -1,0 +1,128 @@
+"""An in-process Grid: the same ClientApp, called directly, one message after another.
+
+It is the smallest faithful engine: no SuperLink, no Ray, no polling. Tests, debugging
+and small runs use it; `fedge.server.ray_grid` scales the same contract out.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+
+from fedge.server.compat import ErrorCode, assign_message_id, claim_server_identity
+
+NODE_ID_BASE = 100  # node ids 0 and 1 are reserved by Flower; partition i is node 100 + i
+log = logging.getLogger("fedge")
+
+
+def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
+    """What a SuperNode started with `--node-config` would carry."""
+    return {"partition-id": partition_id, "num-partitions": num_partitions}
+
+
+def error_reply(
+    message: Message, reason: str, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+) -> Message:
+    """A reply carrying an error instead of content, as Flower's SuperNode sends."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
+
+
+def call_client_app(app: ClientApp, message: Message, context: Context) -> Message:
+    """One ClientApp call; an exception or a reply to another message becomes an error reply."""
+    try:
+        reply = app(message, context)
+    except Exception as exc:  # a raising client must not stop the round
+        log.warning("client %d raised: %s", message.metadata.dst_node_id, exc)
+        return error_reply(message, "".join(traceback.format_exception_only(exc)).strip())
+    if reply.metadata.reply_to_message_id != message.metadata.message_id:
+        return error_reply(message, "ClientApp replied to a different message")
+    return reply
+
+
+class LocalGrid(Grid):
+    """Runs `client_app` for `num_nodes` virtual nodes in this process.
+
+    Each node keeps its own `Context` (and so its `state`) across rounds; contexts are
+    built on first use, so a large population costs nothing until sampled.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        self.client_app = client_app
+        self.num_nodes = num_nodes
+        self.run_id = run_id
+        self._contexts: dict[int, Context] = {}
+        self._replies: dict[str, Message] = {}
+        claim_server_identity(run_id)
+
+    # --- Grid's abstract interface --------------------------------------------------
+    def set_run(self, run_id: int) -> None:
+        self.run_id = run_id
+        claim_server_identity(run_id)
+
+    @property
+    def run(self) -> int:  # type: ignore[override]
+        return self.run_id
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return range(NODE_ID_BASE, NODE_ID_BASE + self.num_nodes)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for message in messages:
+            mid = assign_message_id(message)
+            self._replies[mid] = self.deliver(message)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(m) for m in message_ids if m in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        deadline = time.monotonic() + timeout if timeout else float("inf")
+        replies = []
+        for message in messages:
+            assign_message_id(message)
+            if time.monotonic() > deadline:  # late: the round is over for this node
+                replies.append(
+                    error_reply(message, "round timeout", ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
+                )
+                continue
+            replies.append(self.deliver(message))
+        return replies
+
+    # --- delivery -------------------------------------------------------------------
+    def context(self, node_id: int) -> Context:
+        """The node's persistent Context, created on first use."""
+        if node_id not in self._contexts:
+            pid = node_id - NODE_ID_BASE
+            if not 0 <= pid < self.num_nodes:
+                raise ValueError(f"node {node_id} is not part of this grid")
+            self._contexts[node_id] = Context(
+                run_id=self.run_id,
+                node_id=node_id,
+                node_config=node_config(pid, self.num_nodes),
+                state=RecordDict(),
+                run_config={},
+            )
+        return self._contexts[node_id]
+
+    def deliver(self, message: Message) -> Message:
+        return call_client_app(self.client_app, message, self.context(message.metadata.dst_node_id))

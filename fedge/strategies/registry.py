@@ -1,0 +1,68 @@
+"""Strategies by name: Flower's own, fedge's, and any Strategy subclass as `module:Class`.
+
+Sampling arguments (how many clients train and evaluate, how many must be connected)
+come from the run configuration; everything else comes from `strategy_options`, which
+win over fedge's defaults.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from flwr.serverapp import strategy as fl
+
+from fedge.config import load_object
+
+# name -> (class or "module:Class", default options)
+STRATEGIES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "fedavg": (fl.FedAvg, {}),
+    "fedprox": (fl.FedProx, {"proximal_mu": 0.01}),
+    "fedadam": (fl.FedAdam, {}),
+    "fedyogi": (fl.FedYogi, {}),
+    "fedadagrad": (fl.FedAdagrad, {}),
+    "fedavgm": (fl.FedAvgM, {}),
+    "fedmedian": (fl.FedMedian, {}),
+    "fedtrimmedavg": (fl.FedTrimmedAvg, {}),
+    "krum": (fl.Krum, {}),
+    "multikrum": (fl.MultiKrum, {}),
+    "bulyan": (fl.Bulyan, {}),
+    "qfedavg": (fl.QFedAvg, {}),
+}
+
+
+def strategy_class(name: str) -> type[fl.Strategy]:
+    """The Strategy class for a registered name or a `module:Class` spec."""
+    if name in STRATEGIES:
+        cls = STRATEGIES[name][0]
+    elif ":" in name:
+        cls = load_object(name)
+    else:
+        raise ValueError(
+            f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or 'module:Class'"
+        )
+    if isinstance(cls, str):
+        cls = load_object(cls)
+    if not (isinstance(cls, type) and issubclass(cls, fl.Strategy)):
+        raise ValueError(f"{name!r} is not a flwr.serverapp.strategy.Strategy subclass")
+    return cls
+
+
+def build_strategy(
+    name: str, options: dict[str, Any], sampling: dict[str, Any], lr: float = 0.05
+) -> fl.Strategy:
+    """Instantiate a strategy; sampling keys go only where the class accepts them."""
+    cls = strategy_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    defaults = dict(STRATEGIES.get(name, (None, {}))[1])
+    if "client_learning_rate" in params:  # q-FedAvg needs the clients' learning rate
+        defaults["client_learning_rate"] = lr
+    kwargs = {k: v for k, v in sampling.items() if takes_any or k in params}
+    kwargs.update(defaults)
+    kwargs.update(options)
+    unknown = [k for k in options if not takes_any and k not in params]
+    if unknown:
+        allowed = sorted(k for k in params if k != "self")
+        raise ValueError(f"strategy {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    return cls(**kwargs)
