@@ -115,3 +115,25 @@ def test_a_single_share_is_unbiased_at_the_point():
     at_alpha = share[np.arange(n), alphas].mean()
     assert abs(at_alpha - 0.5) < 5 * 0.5 / np.sqrt(n)
     assert abs(share.mean() - 0.5) < 0.01
+
+
+def test_batch_parse_matches_objects_and_names_the_bad_key():
+    keys0, _ = dpf.gen_batch(np.array([1, 200, 4000]), 12)
+    data = [k.to_bytes() for k in keys0]
+    parsed, built = dpf.KeyBatch.parse(data), dpf.KeyBatch.of(keys0)
+    for field in ("party", "seed", "cw_seed", "cw_bits", "cw_out"):
+        assert np.array_equal(getattr(parsed, field), getattr(built, field))
+    assert np.array_equal(dpf.expand(parsed), dpf.expand(keys0))
+    with pytest.raises(ValueError, match="key 1: .*must be"):
+        dpf.KeyBatch.parse([data[0], data[1][:-1], data[2]])
+    with pytest.raises(ValueError, match="key 2: not a DPF key"):
+        dpf.KeyBatch.parse([data[0], data[1], b"XX" + data[2][2:]])
+    with pytest.raises(ValueError, match="key 1 is for a 2\\^13 domain"):
+        dpf.KeyBatch.parse([data[0], dpf.gen(0, 13)[0].to_bytes()])
+
+
+def test_expansion_in_key_groups_equals_one_group(monkeypatch):
+    keys0, _ = dpf.gen_batch(np.arange(0, 2**13, 700), 13)
+    whole = dpf.expand(keys0)
+    monkeypatch.setattr(dpf, "EXPAND_BUFFER_BYTES", 3 * (32 << dpf.tree_depth(13)))  # 3 keys
+    assert np.array_equal(dpf.expand(keys0), whole)

@@ -46,9 +46,11 @@ def test_exact_rows_for_any_shape_and_dtype(rows, row_shape, dtype, kernel):
 
 
 @pytest.mark.parametrize("batch", [1, 7, 8, 33])
-def test_batches_across_threads(batch):
-    """A table big enough to be split between threads, with a row count that is not a
-    multiple of 64 (the tail of the last chunk takes the mask loop)."""
+@pytest.mark.parametrize("parallel", [False, True])
+def test_batches_across_threads(batch, parallel, monkeypatch):
+    """A table split between threads (or not), with a row count that is not a multiple of 64
+    (the tail of the last chunk takes the mask loop)."""
+    monkeypatch.setattr(pir, "PARALLEL_MIN_WORDS", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(batch)
     table = _table(rng, (1 << 15) + 37, (64,), np.uint8)
     indices = rng.integers(0, table.shape[0], batch)
@@ -101,3 +103,49 @@ def test_errors_are_clear():
         pir.PIRServer(np.zeros((0, 4)))
     with pytest.raises(ValueError, match="answers disagree"):
         pir.reconstruct(np.zeros((1, 2), np.uint64), np.zeros((2, 2), np.uint64))
+
+
+def test_codesign_layout_plans_and_fetches_exact_rows():
+    from fedge.privacy.codesign import CoDesign, Layout, fetch, serve_pair
+
+    rng = np.random.default_rng(5)
+    rows = 1000
+    table = _table(rng, rows, (16,), np.float16)
+    counts = rng.zipf(1.5, rows).astype(np.int64)
+    successor = rng.integers(0, rows, rows)
+    for design in (
+        CoDesign(cold_queries=40),
+        CoDesign(hot_rows=100, hot_queries=8, cold_bins=10, cold_queries=1),
+        CoDesign(hot_rows=100, hot_queries=8, cold_bins=10, cold_queries=2, colocate=True),
+    ):
+        layout = Layout(counts, design, successor)
+        members = np.concatenate(layout.members)
+        assert np.array_equal(np.sort(members), np.arange(rows))  # every row in one table
+        tables = layout.tables(table)
+        servers = serve_pair(tables)
+        plans = [layout.plan(rng.integers(0, rows, 30), rng) for _ in range(5)]
+        for plan in plans:  # the same number of queries to every table, whatever was asked
+            assert [q.size for q in plan.queries] == layout.budget
+        got = fetch(layout, plans, servers)
+        assert set(got) == set(np.concatenate([p.fetched for p in plans]).tolist())
+        for i, row in got.items():
+            assert row.tobytes() == table[i].tobytes()
+        assert layout.cost_rows() == sum(
+            b * t.shape[0] for b, t in zip(layout.budget, tables, strict=True)
+        )
+
+
+def test_codesign_budgets_drop_and_colocation_recovers():
+    from fedge.privacy.codesign import CoDesign, Layout
+
+    counts = np.arange(64)[::-1].copy()  # row r has rank r
+    successor = (np.arange(64) + 1) % 64
+    rng = np.random.default_rng(0)
+    binned = Layout(counts, CoDesign(cold_bins=4, cold_queries=1))
+    assert sorted(binned.plan(np.array([0, 4, 8]), rng).fetched) == [0]  # one bin, one query
+    coloc = Layout(counts, CoDesign(cold_bins=4, cold_queries=1, colocate=True), successor)
+    assert sorted(coloc.plan(np.array([8, 9]), rng).fetched) == [8, 9]  # 9 rides along with 8
+    with pytest.raises(ValueError, match="successor"):
+        Layout(counts, CoDesign(colocate=True))
+    with pytest.raises(ValueError, match="hot_rows"):
+        CoDesign(hot_rows=8)

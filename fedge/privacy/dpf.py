@@ -237,6 +237,17 @@ class KeyBatch:
     def __len__(self) -> int:
         return self.party.size
 
+    def take(self, rows: slice) -> KeyBatch:
+        """A sub-batch (a slice of the keys)."""
+        return KeyBatch(
+            self.domain_bits,
+            self.party[rows],
+            self.seed[rows],
+            self.cw_seed[:, rows],
+            self.cw_bits[:, rows],
+            self.cw_out[rows],
+        )
+
     @classmethod
     def of(cls, keys: Sequence[DPFKey]) -> KeyBatch:
         if not keys:
@@ -305,11 +316,25 @@ class KeyBatch:
         raise AssertionError("unreachable: some key was malformed")
 
 
+EXPAND_BUFFER_BYTES = 256 << 20  # work space per group of keys expanded together
+
+
 def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     """Full-domain evaluation of a batch of keys: (len(keys), words) uint64, bit x of key i is
-    bit (x & 63) of word x >> 6 of row i. All keys go through one AES call per tree level, and
-    the levels ping-pong between buffers allocated once (fresh pages cost more than AES)."""
+    bit (x & 63) of word x >> 6 of row i. All keys go through one AES call per tree level (for
+    huge domains, per group of keys that fits EXPAND_BUFFER_BYTES), and the levels ping-pong
+    between buffers allocated once (fresh pages cost more than AES)."""
     batch = keys if isinstance(keys, KeyBatch) else KeyBatch.of(keys)
+    per_key = 32 << tree_depth(batch.domain_bits)  # bytes of the widest level of one key
+    group = max(1, EXPAND_BUFFER_BYTES // per_key)
+    if len(batch) > group:
+        return np.concatenate(
+            [_expand(batch.take(slice(lo, lo + group))) for lo in range(0, len(batch), group)]
+        )
+    return _expand(batch)
+
+
+def _expand(batch: KeyBatch) -> np.ndarray:
     domain_bits, k = batch.domain_bits, len(batch)
     depth = tree_depth(domain_bits)
     size = k * (2 << depth) * 2  # words of the widest level: the leaves' value inputs
