@@ -272,7 +272,7 @@ def _resize(x: torch.Tensor, size: torch.Size) -> torch.Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class Module(nn.Module):
+class HRModule(nn.Module):
     """One HR module: HRViT blocks on each branch, then a fusion across branches."""
 
     def __init__(self, cfg: HRViTConfig, depths: tuple[int, ...]) -> None:
@@ -300,12 +300,12 @@ class Stage(nn.Module):
     def __init__(self, cfg: HRViTConfig, k: int) -> None:
         super().__init__()
         self.embed = PatchEmbed(cfg.channels[k - 1], cfg.channels[k]) if k > 0 else None
-        self.modules_ = nn.Sequential(*(Module(cfg, cfg.blocks[k]) for _ in range(cfg.modules[k])))
+        self.body = nn.Sequential(*(HRModule(cfg, cfg.blocks[k]) for _ in range(cfg.modules[k])))
 
     def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.embed is not None:
             xs = [*xs, self.embed(xs[-1])]
-        for module in self.modules_:
+        for module in self.body:
             xs = module(xs)
         return xs
 
