@@ -1,10 +1,8 @@
 """Synthetic speakers from espeak-ng and loaders for real folders, on fixtures written here."""
 
-import wave
-from pathlib import Path
-
 import numpy as np
 import pytest
+from asr_fixtures import write_wav
 
 from fedge.tasks.asr import data
 from fedge.tasks.asr.data import (
@@ -25,16 +23,6 @@ from fedge.tasks.asr.data import (
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDGE_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def write_wav(path: Path, x: np.ndarray, rate: int = 16000, channels: int = 1) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pcm = (np.clip(x, -1, 1) * 32767).astype(np.int16)
-    with wave.open(str(path), "wb") as f:
-        f.setnchannels(channels)
-        f.setsampwidth(2)
-        f.setframerate(rate)
-        f.writeframes(pcm.tobytes())
 
 
 def test_speakers_are_deterministic_and_distinct():
