@@ -12,6 +12,7 @@ from fedge.tasks.asr.energy import (
     profile_groups,
     quantize_int8,
     size_ranking,
+    stream_memory,
     total_energy,
 )
 from fedge.tasks.asr.model import ASRConfig, StreamingASR
@@ -81,3 +82,15 @@ def test_energy_metrics_and_bad_input():
         quantize_int8(model(), ["nope"])
     with pytest.raises(TypeError, match="StreamingASR"):
         energy_metrics(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("fold", [1, 4])
+def test_stream_memory_counts_weights_and_bounded_cache(fold):
+    m = model(fold=fold, chunk=4, left_chunks=4)
+    mem = stream_memory(m)
+    assert mem["weights"] == 4 * sum(p.numel() for p in m.parameters())
+    kv = 3 * 2 * (4 * 4) * 96 * 4  # layers x (k, v) x cached frames x d_model x fp32
+    conv = (40 * 2 + 96 * 2) * 4
+    assert mem["state"] == kv + conv  # folding leaves the cache size unchanged
+    assert 0 < mem["activations"] < mem["weights"]
+    assert mem["peak"] == mem["weights"] + mem["state"] + mem["activations"]

@@ -39,7 +39,7 @@ def test_short_federated_run_lowers_cer(run_dir):
 def test_federated_keyword_spotting_one_speaker_per_client(run_dir):
     options = dict(speakers=10, test_speakers=4, copies=3, n_layer=2)
     before, history = federated(
-        run_dir, "kws", options, num_clients=10, rounds=5, local_epochs=2, batch_size=8
+        run_dir, "kws", options, num_clients=10, rounds=15, local_epochs=3, batch_size=8
     )
     assert history[-1]["accuracy"] > before["accuracy"] + 0.3, (before, history[-1])
 

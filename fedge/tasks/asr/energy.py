@@ -190,3 +190,53 @@ def quantize_int8(model: nn.Module, names: list[str]) -> nn.Module:
         n_w, n_all = w.numel(), sum(p.numel() for p in m.parameters(False))
         m.weight_bits = (8 * n_w + 32 * (n_all - n_w)) / n_all
     return model
+
+
+def _nbytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, list | tuple):
+        return sum(_nbytes(o) for o in obj)
+    return 0
+
+
+@torch.no_grad()
+def stream_memory(model: StreamingASR, chunks: int = 8) -> dict[str, int]:
+    """Bytes a device holds while streaming, once the left-context cache is full.
+
+    weights: all parameters at their stored width; state: key/value and conv caches carried
+    between chunks; activations: the largest working set of one operation within a chunk
+    (its inputs plus outputs; for attention, the score matrix); peak: their sum.
+    """
+    cfg = model.cfg
+    step = SUBSAMPLING * cfg.chunk
+    feats = torch.full((1, step * max(chunks, cfg.left_chunks + 2), cfg.n_mels), cfg.feat_mean)
+    largest = 0
+
+    def record(module, args, output):
+        nonlocal largest
+        work = _nbytes(args) + _nbytes(output)
+        if isinstance(module, FoldingAttention):  # (heads, sub-token queries, keys) scores
+            k = output[1][0]
+            work = _nbytes(args[0]) * 2 + k.shape[1] * args[0].shape[1] * cfg.fold * k.shape[2] * 4
+        largest = max(largest, work)
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    attn = [m for m in model.modules() if isinstance(m, FoldingAttention)]
+    state = None
+    for start in range(0, feats.shape[1] - step, step):  # fill the cache first
+        _, state = model.stream_step(feats[:, start : start + step], state)
+    handles = [m.register_forward_hook(record) for m in leaves + attn]
+    try:
+        _, state = model.stream_step(feats[:, -step:], state)
+    finally:
+        for h in handles:
+            h.remove()
+    weights = sum(g.bytes for g in profile_groups(model))
+    state_bytes = _nbytes(state.conv) + sum(_nbytes(kv) for kv in state.kv)
+    return {
+        "weights": weights,
+        "state": state_bytes,
+        "activations": largest,
+        "peak": weights + state_bytes + largest,
+    }
