@@ -21,7 +21,8 @@ import hashlib
 import secrets
 import struct
 import sys
-from collections.abc import Sequence
+import types
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numba
@@ -215,11 +216,21 @@ def _finish_leaves(out, inp, t, cw_out):
             out[key, i, 0, 1] ^= inp[key, i, 0, 1] ^ (mask & cw_out[key, 1])
 
 
-# Two builds of each kernel: threads pay off only on big levels, and on a shared machine every
-# parallel region waits for its slowest thread, so small levels run on one thread.
+def serial_and_parallel(fn: Callable) -> dict[bool, Callable]:
+    """Two compiled builds of a kernel, keyed by `parallel`: threads pay off only on big inputs,
+    and on a shared machine a parallel region waits for its slowest thread. The parallel build
+    compiles a renamed copy, so the two builds get separate on-disk cache entries."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel")
+    twin.__qualname__ = fn.__qualname__ + "_parallel"
+    return {
+        False: numba.njit(cache=True)(fn),
+        True: numba.njit(parallel=True, cache=True)(twin),
+    }
+
+
 _PARALLEL_MIN_NODES = 1 << 16
-_LEVEL = {p: numba.njit(parallel=p, cache=True)(_correct_level) for p in (False, True)}
-_LEAVES = {p: numba.njit(parallel=p, cache=True)(_finish_leaves) for p in (False, True)}
+_LEVEL = serial_and_parallel(_correct_level)
+_LEAVES = serial_and_parallel(_finish_leaves)
 
 
 @dataclass(frozen=True)

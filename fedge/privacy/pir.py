@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from fedge.privacy.dpf import DPFKey, KeyBatch, expand, gen_batch
+from fedge.privacy.dpf import DPFKey, KeyBatch, expand, gen_batch, serial_and_parallel
 
 GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
 GROUP = 4  # rows per lookup table in the gray kernel
@@ -169,9 +169,7 @@ def _answer_batch(table, bits, acc, gray):
             _answer_mask_jit(table, bits, acc[p], lo, hi)
 
 
-# A serial build for small passes: on a shared machine a parallel region waits for its slowest
-# thread, which costs more than a small table's whole pass.
-_ANSWER = {p: numba.njit(parallel=p, cache=True)(_answer_batch) for p in (False, True)}
+_ANSWER = serial_and_parallel(_answer_batch)  # a small pass costs less than waking threads
 PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
 
 
