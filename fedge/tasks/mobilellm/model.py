@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -87,6 +87,9 @@ class ModelConfig:
         )
 
 
+_TINY = ModelConfig(
+    vocab_size=256, n_layer=6, dim=64, n_head=4, n_kv_head=2, ffn_dim=176, block_size=256
+)
 CONFIGS: dict[str, ModelConfig] = {
     # The paper's models (Table 9): 124.6M and 345.3M parameters; "-LS" shares blocks.
     "125M": ModelConfig(n_layer=30, dim=576, n_head=9, n_kv_head=3, ffn_dim=1536),
@@ -97,23 +100,13 @@ CONFIGS: dict[str, ModelConfig] = {
     "350M-LS": ModelConfig(
         n_layer=32, dim=960, n_head=15, n_kv_head=5, ffn_dim=2560, layer_repeat=2
     ),
-    # CPU-sized, byte vocabulary: what tests and the federated demo train.
-    "tiny": ModelConfig(
-        vocab_size=256, n_layer=6, dim=64, n_head=4, n_kv_head=2, ffn_dim=176, block_size=256
-    ),
-    "tiny-LS": ModelConfig(
-        vocab_size=256,
-        n_layer=6,
-        dim=64,
-        n_head=4,
-        n_kv_head=2,
-        ffn_dim=176,
-        block_size=256,
-        layer_repeat=2,
-    ),
-    "small": ModelConfig(
-        vocab_size=256, n_layer=12, dim=128, n_head=4, n_kv_head=2, ffn_dim=352, block_size=512
-    ),
+    # CPU-sized, byte vocabulary: what tests, the federated demo and the simulations train.
+    "tiny": _TINY,
+    "tiny-LS": replace(_TINY, layer_repeat=2),
+    # The tiny ablation: about equal parameters (0.75M), deep-thin against wide-shallow.
+    "tiny-deep": replace(_TINY, n_layer=16, block_size=512),
+    "tiny-deep-LS": replace(_TINY, n_layer=16, block_size=512, layer_repeat=2),
+    "tiny-wide": replace(_TINY, n_layer=4, dim=128, ffn_dim=352, block_size=512),
 }
 
 
