@@ -10,7 +10,7 @@ from fedge.tasks.asr.energy import (
     place_in_tiers,
     power_ranking,
     profile_groups,
-    quantize_int8,
+    quantize_weights,
     size_ranking,
     stream_memory,
     total_energy,
@@ -60,7 +60,7 @@ def test_int8_targets_the_most_power_hungry_groups_and_saves_energy():
     groups = profile_groups(m)
     top = power_ranking(groups)[:4]
     assert all(next(g for g in groups if g.name == n).tier == "dram" for n in top)
-    q = quantize_int8(m, top)
+    q = quantize_weights(m, top)
     after = {g.name: g for g in profile_groups(q)}
     assert after[top[0]].bytes == pytest.approx(
         next(g for g in groups if g.name == top[0]).bytes / 4, rel=0.05
@@ -72,6 +72,10 @@ def test_int8_targets_the_most_power_hungry_groups_and_saves_energy():
     assert (w - w0).abs().max() <= w0.abs().max() / 127
     assert torch.equal(m.get_submodule(top[0]).weight, w0)  # the original is untouched
     assert size_ranking(groups)[0] != "out"
+    four = quantize_weights(m, top[:1], bits=4).get_submodule(top[0]).weight
+    assert all(len(torch.unique(row)) <= 15 for row in four)
+    with pytest.raises(ValueError, match="bits"):
+        quantize_weights(m, top, bits=1)
 
 
 def test_energy_metrics_and_bad_input():
@@ -79,7 +83,7 @@ def test_energy_metrics_and_bad_input():
     assert set(out) == {"energy_uw", "weight_bytes", "energy_dram_share"}
     assert out["energy_uw"] > 0 and 0 <= out["energy_dram_share"] <= 1
     with pytest.raises(ValueError, match="no weight groups"):
-        quantize_int8(model(), ["nope"])
+        quantize_weights(model(), ["nope"])
     with pytest.raises(TypeError, match="StreamingASR"):
         energy_metrics(torch.nn.Linear(2, 2))
 

@@ -15,9 +15,9 @@ Activation traffic is not modelled. The per-byte and per-MAC costs are 45 nm fig
 (Horowitz, ISSCC 2014): 32-bit SRAM read ~5 pJ, 32-bit DRAM read ~640 pJ, fp32 multiply-add
 ~4.6 pJ. They set the scale; the ranking of groups, which drives compression, is what matters.
 
-Compression stores a group's weights in int8 with one scale per output channel (weights are
-rounded in place, so accuracy is that of the int8 model; the energy model counts 1 byte per
-weight; MACs stay fp32: weight-only quantisation).
+Compression stores a group's weights as int8 (or fewer bits) with one scale per output channel
+(weights are rounded in place, so accuracy is that of the quantised model; the energy model
+counts the stored width; MACs stay fp32: weight-only quantisation).
 """
 
 from __future__ import annotations
@@ -170,25 +170,28 @@ def size_ranking(groups: list[WeightGroup]) -> list[str]:
 
 
 @torch.no_grad()
-def quantize_int8(model: nn.Module, names: list[str]) -> nn.Module:
-    """A copy whose named groups hold int8-representable weights (symmetric, per output
-    channel) and are counted at 8 bits by the energy model. Biases and norms stay fp32."""
+def quantize_weights(model: nn.Module, names: list[str], bits: int = 8) -> nn.Module:
+    """A copy whose named groups hold `bits`-bit symmetric integer weights (one scale per output
+    channel), counted at that width by the energy model. Biases and norms stay fp32."""
+    if not 2 <= bits <= 16:
+        raise ValueError(f"bits must be between 2 and 16, got {bits}")
     model = copy.deepcopy(model)
     modules = weight_modules(model)
     unknown = sorted(set(names) - set(modules))
     if unknown:
         raise ValueError(f"no weight groups {unknown}; choose from {sorted(modules)}")
+    levels = 2 ** (bits - 1) - 1
     for name in names:
         m = modules[name]
         w = getattr(m, "weight", None)
         if w is None or w.dim() < 2:
             continue  # nothing worth quantising (a norm layer)
         flat = w.view(w.shape[0], -1)
-        scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127.0
-        flat.copy_(torch.round(flat / scale).clamp(-127, 127) * scale)
+        scale = flat.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / levels
+        flat.copy_(torch.round(flat / scale).clamp(-levels, levels) * scale)
         # Bias stays fp32: count the group's bits as the weighted mean of weight and bias.
         n_w, n_all = w.numel(), sum(p.numel() for p in m.parameters(False))
-        m.weight_bits = (8 * n_w + 32 * (n_all - n_w)) / n_all
+        m.weight_bits = (bits * n_w + 32 * (n_all - n_w)) / n_all
     return model
 
 
