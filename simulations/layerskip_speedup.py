@@ -83,7 +83,7 @@ def speed_rows(args, task: MobileLLMTask, model, label: str) -> list[dict]:
     test = task.test_dataset()
     step = max(len(test) // args.prompts, 1)
     prompts = [test[i * step][0][None, : args.prompt_len] for i in range(args.prompts)]
-    exit_ppl = task.evaluate_exits(model, test)
+    exits = task.evaluate_exits(model, test)
     plain_s, plain_out = 0.0, []
     for p in prompts:
         seconds, out = best_time(args.repeats, generate, model, p, args.new_tokens)
@@ -112,8 +112,9 @@ def speed_rows(args, task: MobileLLMTask, model, label: str) -> list[dict]:
                     "model": label,
                     "exit": exit_layer,
                     "num_draft": k,
-                    "exit_ppl": exit_ppl[exit_layer],
-                    "final_ppl": exit_ppl[model.depth],
+                    "exit_ppl": exits[exit_layer]["perplexity"],
+                    "final_ppl": exits[model.depth]["perplexity"],
+                    "agreement": exits[exit_layer]["agreement"],
                     "acceptance": accepted / max(drafted, 1),
                     "plain_tok_s": tokens / plain_s,
                     "spec_tok_s": tokens / spec_s,
@@ -130,6 +131,7 @@ def speed_rows(args, task: MobileLLMTask, model, label: str) -> list[dict]:
 def _row_line(r: dict) -> str:
     return (
         f"{r['model']:<10} E={r['exit']:>2} k={r['num_draft']}  ppl@E {r['exit_ppl']:7.2f}  "
+        f"agree {r['agreement']:.2f}  "
         f"accept {r['acceptance']:.2f}  {r['plain_tok_s']:6.1f} -> {r['spec_tok_s']:6.1f} tok/s  "
         f"x{r['speedup']:.2f}  identical={r['identical']}"
     )
@@ -151,14 +153,15 @@ def markdown(args, speed: list[dict], ablation: list[dict], samples: dict[str, s
         "",
         "## Self-speculative decoding per exit layer (`tiny-deep`, 16 layers)",
         "",
-        "| model | exit E | drafts k | ppl at E | final ppl | acceptance | plain tok/s | "
-        "self-spec tok/s | speedup | identical output |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| model | exit E | drafts k | ppl at E | final ppl | agreement on test text | "
+        "acceptance | plain tok/s | self-spec tok/s | speedup | identical output |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in speed:
         lines.append(
             f"| {r['model']} | {r['exit']} | {r['num_draft']} | {r['exit_ppl']:.2f} | "
-            f"{r['final_ppl']:.2f} | {r['acceptance']:.2f} | {r['plain_tok_s']:.1f} | "
+            f"{r['final_ppl']:.2f} | {r['agreement']:.2f} | {r['acceptance']:.2f} | "
+            f"{r['plain_tok_s']:.1f} | "
             f"{r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | {'yes' if r['identical'] else 'NO'} |"
         )
     lines += [
@@ -182,9 +185,9 @@ def markdown(args, speed: list[dict], ablation: list[dict], samples: dict[str, s
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/layerskip")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--local-epochs", type=int, default=1)
-    ap.add_argument("--clients", type=int, default=10)
+    ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--seq-len", type=int, default=64)

@@ -113,4 +113,5 @@ def test_layerskip_training_lowers_perplexity_at_every_exit():
     model, before, after, _ = local_run(ls, steps=40)
     assert ls.step == 40 and after < before / 3
     exits = ls.evaluate_exits(model, Subset(ls.test_dataset(), range(64)))
-    assert sorted(exits) == list(range(1, 7)) and max(exits.values()) < 100
+    assert sorted(exits) == list(range(1, 7)) and exits[6]["agreement"] == 1.0
+    assert all(e["perplexity"] < 100 and 0 < e["agreement"] <= 1 for e in exits.values())

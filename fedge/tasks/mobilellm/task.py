@@ -143,15 +143,27 @@ class MobileLLMTask(Task):
     @torch.no_grad()
     def evaluate_exits(
         self, model: Transformer, data: Dataset, batch_size: int = 64
-    ) -> dict[int, float]:
-        """Perplexity of every early exit: layer l's hidden state through the shared head."""
+    ) -> dict[int, dict[str, float]]:
+        """Per early exit E (layers 1..E through the shared head): perplexity, and agreement,
+        the fraction of tokens where its greedy choice equals the last layer's, which is
+        what self-speculative drafting from E needs, measured on real text."""
         model.eval()
-        sums = torch.zeros(model.depth, dtype=torch.float64)
+        depth = model.depth
+        loss = torch.zeros(depth, dtype=torch.float64)
+        agree = torch.zeros(depth, dtype=torch.float64)
         tokens = 0
         for x, y in self.loader(data, batch_size, shuffle=False):
-            _, hidden = model.run_layers(model.embed(x), 0, model.depth, keep=range(model.depth))
-            for layer, h in hidden.items():
-                ce = F.cross_entropy(model.logits(h).flatten(0, 1), y.flatten(), reduction="sum")
-                sums[layer] += float(ce)
+            _, hidden = model.run_layers(model.embed(x), 0, depth, keep=range(depth))
+            logits = {layer: model.logits(h) for layer, h in hidden.items()}
+            final = logits[depth - 1].argmax(-1)
+            for layer, z in logits.items():
+                loss[layer] += float(F.cross_entropy(z.flatten(0, 1), y.flatten(), reduction="sum"))
+                agree[layer] += float((z.argmax(-1) == final).sum())
             tokens += y.numel()
-        return {layer + 1: math.exp(min(float(s) / tokens, 50.0)) for layer, s in enumerate(sums)}
+        return {
+            layer + 1: {
+                "perplexity": math.exp(min(float(loss[layer]) / tokens, 50.0)),
+                "agreement": float(agree[layer]) / tokens,
+            }
+            for layer in range(depth)
+        }
