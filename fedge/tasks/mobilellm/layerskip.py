@@ -19,14 +19,13 @@ Elhoushi et al., "LayerSkip: Enabling Early Exit Inference and Self-Speculative 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fedge.tasks.mobilellm.model import Transformer, generate
+from fedge.tasks.mobilellm.model import Transformer
 
 DROPOUT_SCALES = ("exp", "linear", "uniform")
 CURRICULA = ("none", "rotational", "gradual")
@@ -209,22 +208,3 @@ def self_speculative_generate(
         stats.accepted += accepted
         stats.verify_passes += 1
     return torch.tensor(out[:max_new_tokens], device=dev), stats
-
-
-def decoding_speed(
-    model: Transformer, prompt: Tensor, max_new_tokens: int, exit_layer: int, num_draft: int
-) -> dict[str, float]:
-    """Tokens/s of plain greedy and self-speculative decoding on the same prompt, whether
-    their outputs are identical, and the draft acceptance rate."""
-    t0 = time.perf_counter()
-    plain = generate(model, prompt, max_new_tokens)
-    t1 = time.perf_counter()
-    spec, stats = self_speculative_generate(model, prompt, max_new_tokens, exit_layer, num_draft)
-    t2 = time.perf_counter()
-    return {
-        "plain_tok_s": max_new_tokens / (t1 - t0),
-        "spec_tok_s": max_new_tokens / (t2 - t1),
-        "speedup": (t1 - t0) / (t2 - t1),
-        "acceptance": stats.acceptance_rate,
-        "identical": bool(torch.equal(plain, spec)),
-    }
