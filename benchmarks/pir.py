@@ -1,0 +1,159 @@
+"""PIR server throughput: fedge's one-pass batched server against a naive peer and the
+memory-bandwidth bound, side by side in one run.
+
+For each table (rows x 64 B, random bytes) and batch size, one server's end-to-end time per
+batch: serialized keys in, answers out (key decoding, DPF expansion, inner product).
+
+- fedge: `PIRServer.answer` (batched expansion, one-pass numba kernel: "stream" for one
+  query, "mask" for 2-7, "gray" for 8 or more) and, for reference, the plain mask-and-XOR
+  kernel on the same batch (timed once where batch x rows > 2^24);
+- naive: per query, a full-domain evaluation of its key alone, then numpy's gather-and-XOR
+  of the selected rows (on large tables timed on the first few queries of the batch);
+- bound: one numpy pass over the table (XOR-reduce of all its words, one thread): the time any batch
+  needs at least if it only had to stream the table once from memory.
+
+    .venv/bin/python benchmarks/pir.py                  # 2^16, 2^20, 2^22 rows
+    .venv/bin/python benchmarks/pir.py --gib            # and a 1 GiB table (2^24 rows)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+import tracemalloc
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from fedge.privacy.dpf import DPFKey, eval_all
+from fedge.privacy.pir import PIRServer, query
+
+ROW_BYTES = 64
+
+
+def best(fn, repeats: int) -> float:
+    """Least wall time of `repeats` runs."""
+    return min(timed(fn)[0] for _ in range(repeats))
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall, CPU) seconds of one run; CPU counts every thread of this process."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - start_cpu
+
+
+def naive_answer(table: np.ndarray, key: bytes) -> np.ndarray:
+    """The per-query peer: this key's expansion as a bit mask, then gather-and-XOR."""
+    mask = eval_all(DPFKey.from_bytes(key))[: table.shape[0]].astype(bool)
+    return np.bitwise_xor.reduce(table[mask], axis=0)
+
+
+def peak_mib(fn) -> float:
+    """Peak memory allocated (numpy, Python) while fn runs, beyond what was held before."""
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    fn()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> list[dict]:
+    rng = np.random.default_rng(rows)
+    table = rng.integers(0, 2**63, (rows, ROW_BYTES // 8), dtype=np.uint64)
+    server = PIRServer(table, party=0)
+    server.answer(query([0], rows)[0])  # warm-up: numba caches, page faults
+    flat = table.reshape(-1)
+    bound_s = best(lambda: np.bitwise_xor.reduce(flat), repeats)
+    results = []
+    for batch in batches:
+        keys, _ = query(rng.integers(0, rows, batch), rows)
+        server.answer(keys)
+        runs = [timed(lambda keys=keys: server.answer(keys)) for _ in range(repeats)]
+        fedge_s, cpu_s = min(w for w, _ in runs), min(c for _, c in runs)
+        mask_repeats = repeats if rows * batch <= 1 << 24 else 1  # slow on big batches
+        mask_s = best(lambda keys=keys: server.answer(keys, kernel="mask"), mask_repeats)
+        mem = peak_mib(lambda keys=keys: server.answer(keys))
+        sample = keys[: min(batch, naive_max)]
+        naive_s = best(lambda sample=sample: [naive_answer(table, k) for k in sample], 1)
+        naive_s *= batch / len(sample)
+        row = {
+            "rows": rows,
+            "table_mib": table.nbytes / 2**20,
+            "batch": batch,
+            "fedge_qps": batch / fedge_s,
+            "fedge_latency_ms": fedge_s * 1e3,
+            "fedge_q_per_cpu_s": batch / cpu_s,
+            "mask_kernel_qps": batch / mask_s,
+            "naive_qps": batch / naive_s,
+            "naive_timed_queries": len(sample),
+            "bound_pass_ms": bound_s * 1e3,
+            "bound_gbps": table.nbytes / bound_s / 1e9,
+            "fedge_gbps": table.nbytes / fedge_s / 1e9,
+            "fraction_of_bound": bound_s / fedge_s,
+            "speedup_vs_naive": naive_s / fedge_s,
+            "peak_extra_mib": mem,
+        }
+        results.append(row)
+        print(
+            f"rows 2^{rows.bit_length() - 1} batch {batch:3d}: {row['fedge_qps']:8.1f} q/s "
+            f"({row['fedge_latency_ms']:.1f} ms/batch), mask {row['mask_kernel_qps']:.1f}, "
+            f"naive {row['naive_qps']:.2f}, pass {row['bound_pass_ms']:.1f} ms",
+            flush=True,
+        )
+    return results
+
+
+def markdown(results: list[dict]) -> str:
+    lines = [
+        "| rows x 64 B | table | batch | fedge q/s | latency/batch | q per CPU-s | mask-kernel q/s "
+        "| naive q/s | speedup vs naive | one-pass bound | fedge / bound | peak extra |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        size = (
+            f"{r['table_mib'] / 1024:.0f} GiB"
+            if r["table_mib"] >= 1024
+            else (f"{r['table_mib']:.0f} MiB")
+        )
+        lines.append(
+            f"| 2^{r['rows'].bit_length() - 1} | {size} | {r['batch']} | {r['fedge_qps']:,.1f} "
+            f"| {r['fedge_latency_ms']:,.1f} ms | {r['fedge_q_per_cpu_s']:,.1f} "
+            f"| {r['mask_kernel_qps']:,.1f} "
+            f"| {r['naive_qps']:,.2f} | {r['speedup_vs_naive']:,.0f}x "
+            f"| {r['bound_pass_ms']:.1f} ms ({r['bound_gbps']:.1f} GB/s) "
+            f"| {r['fraction_of_bound']:.2f} | {r['peak_extra_mib']:,.0f} MiB |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--log-rows", default="16,20,22", help="table sizes, log2 of rows")
+    parser.add_argument("--gib", action="store_true", help="add the 1 GiB table (2^24 rows)")
+    parser.add_argument("--batches", default="1,16,128")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-max", type=int, default=8, help="naive queries timed per batch")
+    parser.add_argument("--json", default="", help="also write results to this JSON file")
+    args = parser.parse_args()
+    sizes = [int(x) for x in args.log_rows.split(",")] + ([24] if args.gib else [])
+    batches = [int(x) for x in args.batches.split(",")]
+    print(
+        f"numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)"
+    )
+    results = []
+    for log_rows in sizes:
+        results += bench_table(1 << log_rows, batches, args.repeats, args.naive_max)
+    print(markdown(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
