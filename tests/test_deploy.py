@@ -1,0 +1,57 @@
+"""Real processes: `fedge server` plus three `fedge client`s on 127.0.0.1."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from fedge.processes import free_port, stop
+
+FEDGE = [sys.executable, "-m", "fedge.cli"]
+
+
+def test_server_and_three_client_processes_run_three_rounds(tmp_path):
+    port = free_port()
+    out = tmp_path / "run"
+    server = subprocess.Popen(
+        [*FEDGE, "server", "--task", "digits", "--rounds", "3", "--min-clients", "3"]
+        + ["--port", str(port), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    clients = [
+        subprocess.Popen(
+            [*FEDGE, "client", "--server", f"127.0.0.1:{port}", "--task", "digits"]
+            + ["--partition-id", str(i), "--num-partitions", "3"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for i in range(3)
+    ]
+    try:
+        output, _ = server.communicate(timeout=840)
+        assert server.returncode == 0, output[-3000:]
+    finally:
+        for proc in [server, *clients]:
+            stop(proc, grace=5)
+    assert all(p.poll() is not None for p in [server, *clients])
+    history = json.loads((out / "history.json").read_text())
+    assert [r["round"] for r in history] == [1, 2, 3]
+    assert all(r["num_clients"] == 3 and r["failures"] == 0 for r in history)
+    assert history[-1]["accuracy"] > 0.6  # chance is 0.1
+    assert "round 3/3" in output and "fedge results" in output
+    assert len(list(Path(out, "checkpoints").glob("round_*.pt"))) == 3
+
+
+def test_client_with_bad_arguments_exits_with_a_clear_error():
+    result = subprocess.run(
+        [*FEDGE, "client", "--server", "nohost", "--partition-id", "0", "--num-partitions", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "expected HOST:PORT" in result.stderr
