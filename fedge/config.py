@@ -50,6 +50,12 @@ class RunConfig:
     eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
     round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
     seed: int = opt(0, "seed for model init, partitions and sampling")
+    shared_fraction: float = opt(
+        0.0, "size of the globally shared subset G over the clients' data (Zhao's alpha)"
+    )
+    shared_per_client: float = opt(1.0, "random fraction of G each client mixes in (beta)")
+    warmup_epochs: int = opt(0, "epochs the server trains the initial model on G")
+    track_divergence: bool = opt(False, "shadow centralized SGD for weight divergence (slow)")
     backend: str = opt("local", "simulation engine: local (in-process), flower (run_simulation)")
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt("cpu", "torch device for training: cpu, cuda, or auto")
@@ -111,6 +117,25 @@ class RunConfig:
             "must be cpu, cuda or auto",
             self.device,
         )
+        _check(
+            0 <= self.shared_fraction < 1,
+            "shared_fraction",
+            "must be in [0, 1)",
+            self.shared_fraction,
+        )
+        _check(
+            0 <= self.shared_per_client <= 1,
+            "shared_per_client",
+            "must be in [0, 1]",
+            self.shared_per_client,
+        )
+        _check(self.warmup_epochs >= 0, "warmup_epochs", "must be >= 0", self.warmup_epochs)
+        _check(
+            self.warmup_epochs == 0 or self.shared_fraction > 0,
+            "warmup_epochs",
+            "needs shared data to train on: set shared_fraction > 0",
+            self.warmup_epochs,
+        )
         try:
             parse_scheme(self.partition)
         except ValueError as exc:
@@ -156,6 +181,12 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
             return float(value)
         if kind.startswith("str | None"):
             return None if value in (None, "") else str(value)
+        if kind == "bool":
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if not isinstance(value, bool | int) or value not in (0, 1):
+                raise TypeError
+            return bool(value)
         if kind == "str":
             if not isinstance(value, str | int | float) or isinstance(value, bool):
                 raise TypeError
@@ -164,7 +195,12 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
         pass
     else:
         return value
-    expected = {"int": "an integer", "float": "a number", "str": "a string"}.get(kind, "a table")
+    expected = {
+        "int": "an integer",
+        "float": "a number",
+        "str": "a string",
+        "bool": "true/false",
+    }.get(kind, "a table")
     raise ConfigError(f"{name}: expected {expected}, got {value!r}")
 
 

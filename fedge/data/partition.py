@@ -68,20 +68,39 @@ def partition(
 
 
 def _label_k(labels: np.ndarray, n: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Sort by label, cut into n*k shards, deal k shards of distinct labels to each client."""
-    order = np.lexsort((rng.random(len(labels)), labels))  # by label, random within a label
-    shards = np.array_split(order, n * k)
-    shard_label = [int(np.bincount(labels[s]).argmax()) for s in shards]
-    free = list(rng.permutation(len(shards)))
-    parts: list[list[int]] = [[] for _ in range(n)]
-    for client in range(n):
-        taken: set[int] = set()
-        for _ in range(k):
-            pick = next((s for s in free if shard_label[s] not in taken), free[0])
-            free.remove(pick)
-            taken.add(shard_label[pick])
-            parts[client].extend(shards[pick].tolist())
-    return [np.array(p) for p in parts]
+    """Zhao's K-class split: n*k single-label shards, client i takes shards i, i+n, ..., i+(k-1)n.
+
+    Shards are laid out class after class (classes in random order), each class cut into
+    as many shards as its share of n*k. A class spans at most n consecutive shards when
+    k <= classes, so shards n apart never share a label: every client gets exactly k labels.
+    """
+    classes, counts = np.unique(labels, return_counts=True)
+    if k > len(classes):
+        raise ValueError(
+            f"label-k:{k} needs at least {k} classes but the labels have {len(classes)}"
+        )
+    num_shards = n * k
+    # shards per class: proportional to the class's size, at least one, summing to n*k
+    per_class = np.maximum(1, np.floor(counts / counts.sum() * num_shards).astype(int))
+    while per_class.sum() != num_shards:
+        step = 1 if per_class.sum() < num_shards else -1
+        room = (
+            counts / per_class
+            if step == 1
+            else np.where(per_class > 1, -counts / per_class, -np.inf)
+        )
+        per_class[int(np.argmax(room))] += step
+    if (per_class > n).any() or (per_class > counts).any():
+        raise ValueError(
+            f"label-k:{k} with {n} clients cannot give every client {k} distinct classes "
+            f"(class sizes {counts.tolist()}); use fewer clients or another scheme"
+        )
+    shards: list[np.ndarray] = []
+    for c in rng.permutation(len(classes)):
+        idx = rng.permutation(np.flatnonzero(labels == classes[c]))
+        shards.extend(np.array_split(idx, per_class[c]))
+    order = rng.permutation(n)  # which client gets which column of shards
+    return [np.concatenate([shards[order[i] + j * n] for j in range(k)]) for i in range(n)]
 
 
 def _dirichlet(
@@ -109,8 +128,9 @@ def _natural(groups: np.ndarray, n: int, rng: np.random.Generator) -> list[np.nd
     """Whole groups per client; with fewer groups than clients, groups are split evenly."""
     uniq = rng.permutation(np.unique(groups))
     if len(uniq) >= n:
-        owner = {g: i % n for i, g in enumerate(uniq)}
-        return [np.flatnonzero([owner[g] == c for g in groups]) for c in range(n)]
+        owner = np.arange(len(uniq)) % n
+        client_of = owner[np.argsort(uniq)[np.searchsorted(np.sort(uniq), groups)]]
+        return [np.flatnonzero(client_of == c) for c in range(n)]
     parts: list[np.ndarray] = []
     per_group = np.array_split(np.arange(n), len(uniq))
     for g, clients in zip(uniq, per_group, strict=True):
