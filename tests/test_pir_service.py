@@ -4,6 +4,7 @@ import signal
 import socket
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import numpy as np
@@ -61,6 +62,17 @@ def test_client_fetches_exact_rows(servers):
         assert client.fetch(many).tobytes() == table[many].tobytes()
         with pytest.raises(IndexError, match="out of range"):
             client.fetch([3001])
+
+
+def test_concurrent_clients_share_passes_and_get_their_own_rows(servers):
+    table, addr, _ = servers
+    rng = np.random.default_rng(2)
+    wanted = [rng.integers(0, 3001, 1 + i % 3) for i in range(24)]
+    with PrivateEmbeddingClient([addr["a"], addr["b"]]) as client:
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(client.fetch, wanted))
+    for ids, rows in zip(wanted, got, strict=True):
+        assert rows.tobytes() == table[ids].tobytes()
 
 
 def test_table_mismatch_and_swapped_parties(servers):

@@ -228,7 +228,7 @@ def serial_and_parallel(fn: Callable) -> dict[bool, Callable]:
     }
 
 
-_PARALLEL_MIN_NODES = 1 << 16
+PARALLEL_MIN_NODES = 1 << 16  # tree nodes of a level below which one thread expands it
 _LEVEL = serial_and_parallel(_correct_level)
 _LEAVES = serial_and_parallel(_finish_leaves)
 
@@ -247,6 +247,20 @@ class KeyBatch:
 
     def __len__(self) -> int:
         return self.party.size
+
+    @classmethod
+    def concat(cls, batches: Sequence[KeyBatch]) -> KeyBatch:
+        """One batch from several of the same domain (e.g. concurrent clients' requests)."""
+        if len({b.domain_bits for b in batches}) != 1:
+            raise ValueError("only batches of one domain size can be joined")
+        return cls(
+            batches[0].domain_bits,
+            np.concatenate([b.party for b in batches]),
+            np.concatenate([b.seed for b in batches]),
+            np.concatenate([b.cw_seed for b in batches], axis=1),
+            np.concatenate([b.cw_bits for b in batches], axis=1),
+            np.concatenate([b.cw_out for b in batches]),
+        )
 
     def take(self, rows: slice) -> KeyBatch:
         """A sub-batch (a slice of the keys)."""
@@ -345,7 +359,7 @@ def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     return _expand(batch)
 
 
-def _expand(batch: KeyBatch) -> np.ndarray:
+def _expand(batch: KeyBatch, parallel: bool | None = None) -> np.ndarray:
     domain_bits, k = batch.domain_bits, len(batch)
     depth = tree_depth(domain_bits)
     size = k * (2 << depth) * 2  # words of the widest level: the leaves' value inputs
@@ -363,18 +377,27 @@ def _expand(batch: KeyBatch) -> np.ndarray:
         nodes = 2 << level
         nxt = bufs[(level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
         nxt_t = np.empty((k, nodes), np.uint64)
-        kernel = _LEVEL[t.size >= _PARALLEL_MIN_NODES]
+        kernel = _LEVEL[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel]
         kernel(out, inp, t, batch.cw_seed[level], batch.cw_bits[level], nxt, nxt_t, tweaks)
         inp, t = nxt, nxt_t
     enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
     out = aes_out[: inp.size].reshape(inp.shape)
-    _LEAVES[t.size >= _PARALLEL_MIN_NODES](out, inp, t, batch.cw_out)
+    _LEAVES[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel](
+        out, inp, t, batch.cw_out
+    )
     words = out.reshape(k, -1)
     if domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
         words = words[:, :1] & np.uint64((1 << (1 << domain_bits)) - 1)
     elif domain_bits == 6:
         words = words[:, :1]
     return words
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the serial and parallel expansion kernels."""
+    batch = KeyBatch.parse([gen(0, 9)[0].to_bytes()])
+    for parallel in (False, True):
+        _expand(batch, parallel)
 
 
 def eval_all(key: DPFKey) -> np.ndarray:

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from fedge.privacy.dpf import DPFKey, KeyBatch, expand, gen_batch, serial_and_parallel
+from fedge.privacy.dpf import warm_up as dpf_warm_up
 
 GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
 GROUP = 4  # rows per lookup table in the gray kernel
@@ -211,6 +212,17 @@ def answer_words(table: np.ndarray, bits: np.ndarray, kernel: str = "auto") -> n
     return np.bitwise_xor.reduce(acc, axis=0)
 
 
+def warm_up() -> None:
+    """Compile (or load from numba's cache) every kernel build, serial and parallel, so that a
+    server's first query does not pay for it."""
+    dpf_warm_up()
+    table = np.zeros((128, 1), np.uint64)
+    for parallel in (False, True):
+        for kernel in KERNELS.values():
+            acc = np.zeros((1, 1, 1), np.uint64)
+            _ANSWER[parallel](table, np.zeros((1, 2), np.uint64), acc, kernel)
+
+
 def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
     """Keys in any accepted form (a KeyBatch, DPFKey objects, or serialized bytes) as a batch."""
     if isinstance(keys, KeyBatch):
@@ -239,8 +251,8 @@ class PIRServer:
         self.words = as_words(table)
         self._torch = None if device == "cpu" else TorchAnswerer(self.words, device)
 
-    def answer(self, keys: KeyBatch | Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
-        """Answers (queries, words) uint64 for a batch of keys (see `as_batch`)."""
+    def check(self, keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
+        """Parse keys and make sure they fit this table and party; ValueError says why not."""
         batch = as_batch(keys)
         if batch.domain_bits != self.spec.domain_bits:
             raise ValueError(
@@ -250,6 +262,11 @@ class PIRServer:
         if self.party is not None and (batch.party != self.party).any():
             i = int(np.flatnonzero(batch.party != self.party)[0])
             raise ValueError(f"key {i} is for party {1 - self.party}, this server is {self.party}")
+        return batch
+
+    def answer(self, keys: KeyBatch | Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
+        """Answers (queries, words) uint64 for a batch of keys (see `as_batch`)."""
+        batch = self.check(keys)
         bits = expand(batch)
         if self._torch is not None:
             return self._torch(bits)

@@ -4,7 +4,8 @@ Two methods on service `fedge.pir.PIR`, raw bytes in and out (gRPC generic handl
 
 - `Info`: JSON describing the table (party, rows, dtype, row shape, SHA-256 digest), so a client
   can check that both servers hold the same table before trusting the XOR of their answers;
-- `Answer`: a framed batch of serialized DPF keys in, the batch's answers out.
+- `Answer`: a framed batch of serialized DPF keys in, the batch's answers out. Requests that
+  arrive together (many clients) are answered by one pass over the table.
 
 Frames (little-endian): request  b"PIRQ" u8 version, u32 count, u32 key_len, count keys;
                        response b"PIRA" u8 version, u32 count, u32 words, 16-byte digest, answers.
@@ -26,7 +27,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from fedge.privacy.pir import PIRServer, TableSpec, query, reconstruct
+from fedge.privacy.dpf import KeyBatch
+from fedge.privacy.pir import PIRServer, TableSpec, query, reconstruct, warm_up
 
 SERVICE = "fedge.pir.PIR"
 FRAME_VERSION = 1
@@ -69,32 +71,72 @@ def decode_request(data: bytes) -> list[bytes]:
     return [bytes(body[i * key_len : (i + 1) * key_len]) for i in range(count)]
 
 
+class _Batcher:
+    """Coalesces concurrent requests: whatever arrived while the last pass ran is answered by
+    the next single pass over the table, so many one-query clients get batch throughput."""
+
+    def __init__(self, server: PIRServer, max_keys: int = 1024):
+        self.server, self.max_keys = server, max_keys
+        self.queue: list[tuple[KeyBatch, dict]] = []
+        self.ready = threading.Condition()
+        threading.Thread(target=self._run, name="pir-batcher", daemon=True).start()
+
+    def answer(self, keys: list[bytes]) -> np.ndarray:
+        batch = self.server.check(keys)  # a malformed request fails alone, before it joins
+        slot: dict = {"done": threading.Event()}
+        with self.ready:
+            self.queue.append((batch, slot))
+            self.ready.notify()
+        slot["done"].wait()
+        if "error" in slot:
+            raise slot["error"]
+        return slot["answers"]
+
+    def _run(self) -> None:
+        while True:
+            with self.ready:
+                self.ready.wait_for(lambda: self.queue)
+                take, count = [], 0
+                while self.queue and (not take or count + len(self.queue[0][0]) <= self.max_keys):
+                    take.append(self.queue.pop(0))
+                    count += len(take[-1][0])
+            try:
+                answers = self.server.answer(KeyBatch.concat([b for b, _ in take]))
+                lo = 0
+                for batch, slot in take:
+                    slot["answers"], lo = answers[lo : lo + len(batch)], lo + len(batch)
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting requests
+                for _, slot in take:
+                    slot["error"] = exc
+            for _, slot in take:
+                slot["done"].set()
+
+
 class _Handler:
     """The RPC bodies: argument errors become INVALID_ARGUMENT with the reason."""
 
     def __init__(self, table: np.ndarray, party: int):
-        self.server = PIRServer(table, party=party)
+        server = PIRServer(table, party=party)
+        self.spec = server.spec
+        self.batcher = _Batcher(server)
         self.digest = table_digest(table)
         self.info = json.dumps(
             {
                 "party": party,
-                "rows": self.server.spec.num_rows,
+                "rows": self.spec.num_rows,
                 "dtype": table.dtype.str,
-                "row_shape": list(self.server.spec.row_shape),
+                "row_shape": list(self.spec.row_shape),
                 "sha256": self.digest,
-                "domain_bits": self.server.spec.domain_bits,
+                "domain_bits": self.spec.domain_bits,
             }
         ).encode()
-        self.lock = threading.Lock()  # one pass at a time: it already uses every core
 
     def get_info(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         return self.info
 
     def answer(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            keys = decode_request(request)
-            with self.lock:
-                answers = self.server.answer(keys)
+            answers = self.batcher.answer(decode_request(request))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed query: {exc}")
         head = _RESP.pack(b"PIRA", FRAME_VERSION, *answers.shape, bytes.fromhex(self.digest)[:16])
@@ -119,7 +161,8 @@ def serve(
         raise ValueError(f"--table must be an existing .npy file, got {table_path!r}")
     table = np.load(path, allow_pickle=False)
     handler = _Handler(table, party)
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_OPTIONS)
+    warm_up()  # compile before announcing: a first query must not time out on compilation
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_OPTIONS)
     methods = {
         "Info": grpc.unary_unary_rpc_method_handler(handler.get_info),
         "Answer": grpc.unary_unary_rpc_method_handler(handler.answer),
@@ -138,7 +181,7 @@ def serve(
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     server.start()
-    spec = handler.server.spec
+    spec = handler.spec
     print(
         f"pir-server party {party} listening on {host}:{bound} rows={spec.num_rows} "
         f"width={spec.row_bytes} sha={handler.digest[:16]}",
