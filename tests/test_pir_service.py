@@ -109,3 +109,14 @@ def test_sigterm_stops_cleanly(servers):
     proc = procs["c"][0]
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
+
+
+def test_missing_table_is_a_clear_error(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-m", "fedge.privacy.service", "--table", str(tmp_path / "no.npy")]
+        + ["--party", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode != 0 and "existing .npy file" in run.stderr
