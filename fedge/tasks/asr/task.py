@@ -33,7 +33,7 @@ from fedge.tasks.asr.data import (
     synthetic_corpus,
 )
 from fedge.tasks.asr.energy import energy_metrics
-from fedge.tasks.asr.features import LogMel
+from fedge.tasks.asr.features import LogMel, num_frames
 from fedge.tasks.asr.model import (
     ASRConfig,
     StreamingASR,
@@ -44,13 +44,23 @@ from fedge.tasks.asr.model import (
 from fedge.tasks.base import Batch, Task
 
 
-def features_of(waves: list[np.ndarray]) -> list[torch.Tensor]:
-    """Log-mel features of each waveform; equal-length audio goes through in one batch."""
+def features_of(waves: list[np.ndarray], batch: int = 128) -> list[torch.Tensor]:
+    """Log-mel features of each waveform, computed in zero-padded batches of similar length
+    (many tiny STFT calls are far slower than a few big ones) and cut back to each length."""
     logmel = LogMel()
+    out: list[torch.Tensor | None] = [None] * len(waves)
+    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     with torch.no_grad():
-        if len({len(w) for w in waves}) == 1:
-            return list(logmel(torch.from_numpy(np.stack(waves))))
-        return [logmel(torch.from_numpy(w)) for w in waves]
+        for start in range(0, len(order), batch):
+            idx = order[start : start + batch]
+            longest = max(len(waves[i]) for i in idx)
+            padded = np.zeros((len(idx), max(longest, logmel.cfg.n_fft)), np.float32)
+            for row, i in enumerate(idx):
+                padded[row, : len(waves[i])] = waves[i]
+            feats = logmel(torch.from_numpy(padded))
+            for row, i in enumerate(idx):
+                out[i] = feats[row, : max(num_frames(len(waves[i]), logmel.cfg), 1)].clone()
+    return out
 
 
 class SpeechDataset(Dataset):
