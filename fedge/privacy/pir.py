@@ -132,22 +132,37 @@ def _answer_mask(table, bits, acc, lo, hi):
 
 
 def _answer_stream(table, bits, acc, lo, hi):
-    """One query: stream the rows once with the accumulator in registers, 8 words at a time,
-    so a single query runs at memory speed (the mask loop keeps acc in memory)."""
+    """Queries one at a time: stream the rows with the accumulator in 8 registers (one 64-byte
+    slab per pass), so a single query runs near memory speed (the mask loop keeps acc in
+    memory). The `n > k` tests are loop-invariant: LLVM hoists them out of the row loop."""
     queries, width = acc.shape
+    zero, one = np.uint64(0), np.uint64(1)
     for q in range(queries):
         for s in range(0, width, 8):
-            a = np.zeros(8, np.uint64)
             n = min(8, width - s)
+            a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = zero
             for base in range(lo, hi, 64):
                 b = bits[q, base >> 6]
                 for j in range(min(64, hi - base)):
-                    m = np.uint64(0) - ((b >> np.uint64(j)) & np.uint64(1))
-                    row = table[base + j, s : s + n]
-                    for w in range(n):
-                        a[w] ^= row[w] & m
-            for w in range(n):
-                acc[q, s + w] ^= a[w]
+                    r, m = base + j, zero - ((b >> np.uint64(j)) & one)
+                    a0 ^= table[r, s] & m
+                    if n > 1:
+                        a1 ^= table[r, s + 1] & m
+                    if n > 2:
+                        a2 ^= table[r, s + 2] & m
+                    if n > 3:
+                        a3 ^= table[r, s + 3] & m
+                    if n > 4:
+                        a4 ^= table[r, s + 4] & m
+                    if n > 5:
+                        a5 ^= table[r, s + 5] & m
+                    if n > 6:
+                        a6 ^= table[r, s + 6] & m
+                    if n > 7:
+                        a7 ^= table[r, s + 7] & m
+            for k, a in enumerate((a0, a1, a2, a3, a4, a5, a6, a7)):
+                if k < n:
+                    acc[q, s + k] ^= a
 
 
 def _answer_gray(table, bits, acc, lo, hi):
