@@ -23,10 +23,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedge.data.partition import partition
+from fedge.data.shared import Federation, client_split, federation
+from fedge.data.stats import client_emds
+from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
-
-EVAL_FRACTION = 0.1  # of each client's partition, held out for federated evaluation
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,8 @@ class RunSpec:
     data_dir: str
     partition: str
     seed: int
+    shared_fraction: float = 0.0
+    shared_per_client: float = 1.0
 
     @classmethod
     def from_config(cls, config: ConfigRecord, node_config: dict[str, Any]) -> RunSpec:
@@ -54,6 +56,8 @@ class RunSpec:
             data_dir=str(node_config.get("data-dir") or config.get("data-dir", "")),
             partition=str(config.get("partition", "iid")),
             seed=int(config.get("seed", 0)),
+            shared_fraction=float(config.get("shared-fraction", 0.0)),
+            shared_per_client=float(config.get("shared-per-client", 1.0)),
         )
 
 
@@ -65,22 +69,33 @@ def load_task(spec: RunSpec) -> Task:
 
 
 @functools.lru_cache(maxsize=4)
-def client_partitions(spec: RunSpec, num_partitions: int) -> list[np.ndarray]:
+def client_federation(spec: RunSpec, num_partitions: int) -> Federation:
+    """The partitions and shared subset G, exactly as the server computes them."""
     task = load_task(spec)
-    return partition(
-        task.train_labels(), num_partitions, spec.partition, spec.seed, task.train_groups()
+    return federation(
+        task.train_labels(),
+        num_partitions,
+        spec.partition,
+        spec.seed,
+        task.train_groups(),
+        spec.shared_fraction,
     )
+
+
+def client_indices(spec: RunSpec, node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """This node's (train, eval) indices into the task's pool; train includes its share of G."""
+    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    if not 0 <= pid < num:
+        raise ValueError(f"partition-id {pid} is outside 0..{num - 1}")
+    fed = client_federation(spec, num)
+    return client_split(fed, pid, spec.seed, spec.shared_per_client)
 
 
 def client_data(spec: RunSpec, node_config: dict[str, Any]) -> tuple[Task, Dataset, Dataset]:
     """The task plus this node's local train and evaluation splits."""
-    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    if not 0 <= pid < num:
-        raise ValueError(f"partition-id {pid} is outside 0..{num - 1}")
     task = load_task(spec)
-    indices = np.random.default_rng([spec.seed, pid]).permutation(client_partitions(spec, num)[pid])
-    n_eval = max(1, int(len(indices) * EVAL_FRACTION)) if len(indices) > 1 else 0
-    return task, task.train_dataset(indices[n_eval:]), task.train_dataset(indices[:n_eval])
+    train_idx, eval_idx = client_indices(spec, node_config)
+    return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,9 +144,16 @@ def train(msg: Message, context: Context) -> Message:
     device = resolve_device(str(config.get("device", "cpu")))
     model = model_from(task, msg.content["arrays"], device)
     cfg = train_config(config, context.node_config, int(context.node_config["partition-id"]))
+    algorithm = client_algorithm(str(config.get("algorithm", "")))
+    if algorithm:
+        algorithm.prepare(model, msg.content, context.state, cfg)
     started = time.perf_counter()
     report = task.train(model, train_data, cfg)
+    extra_arrays, extra_metrics = (
+        algorithm.finish(model, report, context.state) if algorithm else ({}, {})
+    )
     arrays = ArrayRecord(model.to("cpu").state_dict())
+    train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {
             "num-examples": len(train_data),
@@ -142,9 +164,12 @@ def train(msg: Message, context: Context) -> Message:
             "steps": report.steps,
             "stopped_early": int(report.stopped_early),
             "update_bytes": arrays.count_bytes(),
+            "emd": float(client_emds(task.train_labels(), [train_idx])[0]),
+            **extra_metrics,
         }
     )
-    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    content = RecordDict({"arrays": arrays, **extra_arrays, "metrics": metrics})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

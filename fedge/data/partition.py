@@ -80,6 +80,11 @@ def _label_k(labels: np.ndarray, n: int, k: int, rng: np.random.Generator) -> li
             f"label-k:{k} needs at least {k} classes but the labels have {len(classes)}"
         )
     num_shards = n * k
+    if num_shards < len(classes):
+        raise ValueError(
+            f"label-k:{k} with {n} clients makes {num_shards} shards for {len(classes)} classes; "
+            f"every sample must be used, so use at least {-(-len(classes) // k)} clients"
+        )
     # shards per class: proportional to the class's size, at least one, summing to n*k
     per_class = np.maximum(1, np.floor(counts / counts.sum() * num_shards).astype(int))
     while per_class.sum() != num_shards:

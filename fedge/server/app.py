@@ -18,18 +18,21 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedge.config import RunConfig
+from fedge.data.shared import Federation, client_split, federation
+from fedge.server.divergence import ShadowSGD, client_drift, label_skew, weight_divergence
 from fedge.server.history import History, atomic_write_bytes, summarize_evaluate, summarize_train
 from fedge.strategies import build_strategy
-from fedge.tasks import Task, build_task
+from fedge.tasks import Task, TrainConfig, build_task
 
 CONFIG_KEY = "fedge-config"  # run_config key holding the path of the run's config JSON
-console = Console(highlight=False)
+console = Console(highlight=False, soft_wrap=True)
 
 
 class RoundObserver(Grid):
@@ -122,6 +125,8 @@ def client_config(cfg: RunConfig) -> ConfigRecord:
             "data-dir": cfg.data_dir or "",
             "partition": cfg.partition,
             "seed": cfg.seed,
+            "shared-fraction": cfg.shared_fraction,
+            "shared-per-client": cfg.shared_per_client,
             "local-epochs": cfg.local_epochs,
             "batch-size": cfg.batch_size,
             "lr": cfg.lr,
@@ -131,6 +136,43 @@ def client_config(cfg: RunConfig) -> ConfigRecord:
             "device": cfg.device,
         }
     )
+
+
+def server_federation(task: Task, cfg: RunConfig) -> Federation:
+    """The clients' partitions and G, by the same function the clients call."""
+    return federation(
+        task.train_labels(),
+        cfg.num_clients,
+        cfg.partition,
+        cfg.seed,
+        task.train_groups(),
+        cfg.shared_fraction,
+    )
+
+
+def local_sgd(cfg: RunConfig, epochs: int) -> TrainConfig:
+    """The clients' optimizer settings, for server-side training (warm-up, shadow SGD)."""
+    return TrainConfig(
+        epochs=epochs, batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, seed=cfg.seed
+    )
+
+
+def warm_up(task: Task, model: torch.nn.Module, cfg: RunConfig, fed: Federation) -> None:
+    """Zhao et al.'s warm-up: train the initial global model on the shared subset G."""
+    report = task.train(model, task.train_dataset(fed.shared), local_sgd(cfg, cfg.warmup_epochs))
+    console.print(
+        f"warm-up on G: {len(fed.shared)} samples, {cfg.warmup_epochs} epochs, "
+        f"loss {report.loss:.4f}"
+    )
+
+
+def shadow_sgd(task: Task, model: torch.nn.Module, cfg: RunConfig, fed: Federation) -> ShadowSGD:
+    """Centralized SGD on every client's training data pooled (for weight divergence)."""
+    pooled = [
+        client_split(fed, pid, cfg.seed, cfg.shared_per_client)[0] for pid in range(cfg.num_clients)
+    ]
+    data = task.train_dataset(np.concatenate(pooled))
+    return ShadowSGD(task, model, data, local_sgd(cfg, cfg.local_epochs))
 
 
 def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord) -> Path:
@@ -160,6 +202,10 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
     task = task or build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
     model = task.build_model()
     test_data = task.test_dataset()
+    fed = server_federation(task, cfg) if cfg.warmup_epochs or cfg.track_divergence else None
+    if cfg.warmup_epochs:
+        warm_up(task, model, cfg, fed)
+    shadow = shadow_sgd(task, model, cfg, fed) if cfg.track_divergence else None
     strategy = build_strategy(cfg.strategy, cfg.strategy_options, sampling(cfg), lr=cfg.lr)
     history = History(out, metric=task.metric)
     observer = RoundObserver(grid)
@@ -169,6 +215,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         f"{cfg.sampled_per_round}/{cfg.num_clients} clients a round, {cfg.rounds} rounds -> {out}"
     )
     clock = {"t": time.perf_counter()}
+    sent: dict[str, ArrayRecord] = {}  # the global model the clients trained from this round
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
@@ -178,10 +225,18 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         if server_round == 0:
             console.print(f"initial model: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
             clock["t"] = time.perf_counter()
+            sent["arrays"] = arrays
             return MetricRecord(metrics)
-        train = summarize_train(observer.take(MessageType.TRAIN))
+        replies = observer.take(MessageType.TRAIN)
+        train = summarize_train(replies)
         train["failures"] += observer.missing(MessageType.TRAIN)
-        record = {"round": server_round, **metrics, **train}
+        record = {"round": server_round, **metrics, **train, **label_skew(replies)}
+        record.update(client_drift(replies, sent["arrays"]))
+        if shadow is not None:
+            steps = sum(int(m.content["metrics"]["steps"]) for m in replies if not m.has_error())
+            lr = cfg.lr * cfg.lr_decay ** (server_round - 1)
+            record.update(weight_divergence(arrays, shadow.step(server_round, steps, lr)))
+        sent["arrays"] = arrays
         record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)))
         record["seconds"] = time.perf_counter() - clock["t"]
         save_checkpoint(out, server_round, arrays)

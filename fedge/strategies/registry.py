@@ -10,9 +10,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
 from fedge.config import load_object
+from fedge.tasks import TrainConfig, TrainReport
 
 # name -> (class or "module:Class", default options)
 STRATEGIES: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -28,7 +30,45 @@ STRATEGIES: dict[str, tuple[Any, dict[str, Any]]] = {
     "multikrum": (fl.MultiKrum, {}),
     "bulyan": (fl.Bulyan, {}),
     "qfedavg": (fl.QFedAvg, {}),
+    "scaffold": ("fedge.strategies.scaffold:Scaffold", {}),
+    "fednova": ("fedge.strategies.fednova:FedNova", {}),
 }
+
+# config["algorithm"] a strategy sends -> the client half it needs ("module:Class")
+CLIENT_ALGORITHMS: dict[str, str] = {
+    "scaffold": "fedge.strategies.scaffold:ScaffoldClient",
+    "fednova": "fedge.strategies.fednova:FedNovaClient",
+}
+
+
+class ClientAlgorithm:
+    """The client half of a strategy, built fresh for each training instruction.
+
+    `prepare` may add gradient hooks to the TrainConfig and read extra records of the
+    instruction and the node's persistent `state`; `finish` returns extra ArrayRecords
+    and metrics for the reply.
+    """
+
+    def prepare(self, model: Any, content: RecordDict, state: RecordDict, cfg: TrainConfig) -> None:
+        """Called after the global model is loaded, before local training."""
+
+    def finish(
+        self, model: Any, report: TrainReport, state: RecordDict
+    ) -> tuple[dict[str, ArrayRecord], dict[str, float]]:
+        """Called after local training; returns (extra ArrayRecords, extra metrics)."""
+        return {}, {}
+
+
+def client_algorithm(name: str) -> ClientAlgorithm | None:
+    """The client half for `config["algorithm"]`, or None for plain local training."""
+    if not name:
+        return None
+    if name not in CLIENT_ALGORITHMS:
+        raise ValueError(
+            f"the server asked for client algorithm {name!r}; this client knows "
+            f"{sorted(CLIENT_ALGORITHMS)}: update fedge on the client"
+        )
+    return load_object(CLIENT_ALGORITHMS[name])()
 
 
 def strategy_class(name: str) -> type[fl.Strategy]:

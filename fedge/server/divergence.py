@@ -1,0 +1,113 @@
+"""What non-IID data does to a round (Zhao et al. 2018): label skew, client drift and
+weight divergence from centralized SGD.
+
+- `label_skew`: n_k-weighted mean and max EMD of the clients that trained this round (each
+  client reports the EMD of its training data, G included, as the metric `emd`).
+- `client_drift`: ||w_k - w_t|| / ||w_t|| of each reply against the model it was sent.
+- `ShadowSGD` + `weight_divergence`: a centralized SGD run on the pooled client data from
+  the same initial weights, with as many steps per round as the clients took together;
+  ||w_FedAvg - w_SGD|| / ||w_SGD|| per layer and for the whole model (simulation only).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Message
+from torch import nn
+from torch.utils.data import Dataset
+
+from fedge.data.stats import emd_summary
+from fedge.tasks import Task, TrainConfig
+
+NUM_EXAMPLES = "num-examples"
+
+
+def _ok(replies: Iterable[Message]) -> list[Message]:
+    return [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+
+
+def _floats(state: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The floating-point entries of a state dict or ArrayRecord, as float64 arrays."""
+    out = {}
+    for key, value in state.items():
+        arr = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        if isinstance(value, torch.Tensor):
+            arr = value.detach().cpu().numpy()
+        if np.issubdtype(arr.dtype, np.floating):
+            out[key] = arr.astype(np.float64)
+    return out
+
+
+def relative_distance(a: Mapping[str, object], b: Mapping[str, object]) -> float:
+    """||a - b|| / ||b|| over all floating-point entries."""
+    fa, fb = _floats(a), _floats(b)
+    num = sum(float(((fa[k] - fb[k]) ** 2).sum()) for k in fb)
+    den = sum(float((fb[k] ** 2).sum()) for k in fb)
+    return float(np.sqrt(num / den)) if den > 0 else float("nan")
+
+
+def layer_of(key: str) -> str:
+    """A state-dict key's layer: `conv1.weight` and `conv1.bias` both belong to `conv1`."""
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def weight_divergence(fedavg: Mapping[str, object], sgd: Mapping[str, object]) -> dict:
+    """Zhao's ||w_FedAvg - w_SGD|| / ||w_SGD||, whole model and per layer."""
+    fa, fs = _floats(fedavg), _floats(sgd)
+    layers: dict[str, list[str]] = {}
+    for key in fs:
+        layers.setdefault(layer_of(key), []).append(key)
+    per_layer = {
+        name: relative_distance({k: fa[k] for k in keys}, {k: fs[k] for k in keys})
+        for name, keys in layers.items()
+    }
+    return {"divergence": relative_distance(fa, fs), "divergence_layers": per_layer}
+
+
+def label_skew(replies: Iterable[Message]) -> dict[str, float]:
+    """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied."""
+    rows = [m.content["metrics"] for m in _ok(replies)]
+    rows = [r for r in rows if "emd" in r]
+    return emd_summary([float(r["emd"]) for r in rows], [float(r[NUM_EXAMPLES]) for r in rows])
+
+
+def client_drift(replies: Iterable[Message], sent: ArrayRecord) -> dict[str, float]:
+    """`drift_mean` (n_k-weighted) and `drift_max` of ||w_k - w_t|| / ||w_t||."""
+    ok = [m for m in _ok(replies) if "arrays" in m.content.array_records]
+    if not ok:
+        return {}
+    drift = np.array([relative_distance(m.content["arrays"], sent) for m in ok])
+    n = np.array([float(m.content["metrics"][NUM_EXAMPLES]) for m in ok])
+    return {"drift_mean": float((drift * n).sum() / n.sum()), "drift_max": float(drift.max())}
+
+
+class ShadowSGD:
+    """Centralized SGD on the pooled client data, run alongside federated training.
+
+    Each round it takes as many SGD steps as the clients took together (same batch size,
+    learning rate schedule and momentum), so w_SGD and w_FedAvg have seen the same work.
+    """
+
+    def __init__(self, task: Task, model: nn.Module, data: Dataset, train: TrainConfig) -> None:
+        self.task, self.data, self.train = task, data, train
+        self.model = copy.deepcopy(model)
+
+    def step(self, server_round: int, steps: int, lr: float) -> dict[str, torch.Tensor]:
+        """Advance by `steps` SGD steps at `lr`; return the shadow model's state."""
+        if steps > 0:
+            per_epoch = -(-len(self.data) // self.train.batch_size)  # ceil
+            cfg = dataclasses.replace(
+                self.train,
+                epochs=-(-steps // max(per_epoch, 1)),
+                max_steps=steps,
+                lr=lr,
+                seed=self.train.seed * 7919 + server_round,
+                grad_hooks=[],
+            )
+            self.task.train(self.model, self.data, cfg)
+        return self.model.state_dict()
