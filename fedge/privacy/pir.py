@@ -19,6 +19,7 @@ table once, each thread its own chunk of rows, and for every row updates all que
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -225,6 +226,18 @@ def answer_words(table: np.ndarray, bits: np.ndarray, kernel: str = "auto") -> n
     acc = np.zeros((parts, bits.shape[0], table.shape[1]), np.uint64)
     _ANSWER[parallel](table, bits, acc, KERNELS[kernel])
     return np.bitwise_xor.reduce(acc, axis=0)
+
+
+def default_device() -> str:
+    """ "cuda" when torch sees a GPU, else "cpu"; the FEDGE_PIR_DEVICE variable overrides."""
+    choice = os.environ.get("FEDGE_PIR_DEVICE", "auto")
+    if choice != "auto":
+        return choice
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def warm_up() -> None:

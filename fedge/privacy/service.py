@@ -28,7 +28,7 @@ import grpc
 import numpy as np
 
 from fedge.privacy.dpf import KeyBatch
-from fedge.privacy.pir import PIRServer, TableSpec, query, reconstruct, warm_up
+from fedge.privacy.pir import PIRServer, TableSpec, default_device, query, reconstruct, warm_up
 
 SERVICE = "fedge.pir.PIR"
 FRAME_VERSION = 1
@@ -116,7 +116,7 @@ class _Handler:
     """The RPC bodies: argument errors become INVALID_ARGUMENT with the reason."""
 
     def __init__(self, table: np.ndarray, party: int):
-        server = PIRServer(table, party=party)
+        server = PIRServer(table, party=party, device=default_device())
         self.spec = server.spec
         self.batcher = _Batcher(server)
         self.digest = table_digest(table)
@@ -150,7 +150,8 @@ def serve(
     port: int = 0,
     ready: Callable[[int], None] | None = None,
 ) -> None:
-    """Serve FILE.npy as PIR party 0 or 1 until SIGTERM/SIGINT; blocks.
+    """Serve FILE.npy as PIR party 0 or 1 until SIGTERM/SIGINT; blocks. Answers on a CUDA GPU
+    when torch sees one (FEDGE_PIR_DEVICE=cpu forces the CPU kernel), else on the CPU.
 
     Prints one line `pir-server party P listening on HOST:PORT rows=N width=B sha=...` once
     listening (port 0 picks a free port; `ready` also receives it)."""
@@ -216,6 +217,14 @@ class PrivateEmbeddingClient:
         self.timeout = timeout
         self.max_batch = max_batch
         self._channels = [grpc.insecure_channel(a, options=_OPTIONS) for a in self.addresses]
+        try:
+            self.spec, self.digest = self._connect()
+        except Exception:
+            self.close()
+            raise
+
+    def _connect(self) -> tuple[TableSpec, bytes]:
+        """Both servers' table descriptions, checked against each other."""
         infos = [json.loads(self._call(i, "Info", b"")) for i in range(2)]
         for i, info in enumerate(infos):
             if info["party"] != i:
@@ -230,8 +239,8 @@ class PrivateEmbeddingClient:
                 f"table mismatch: {self.addresses[0]} serves {a}, {self.addresses[1]} serves {b}"
             )
         info = infos[0]
-        self.digest = bytes.fromhex(info["sha256"])[:16]
-        self.spec = TableSpec(info["rows"], np.dtype(info["dtype"]), tuple(info["row_shape"]))
+        spec = TableSpec(info["rows"], np.dtype(info["dtype"]), tuple(info["row_shape"]))
+        return spec, bytes.fromhex(info["sha256"])[:16]
 
     def _call(self, i: int, method: str, payload: bytes) -> bytes:
         stub = self._channels[i].unary_unary(f"/{SERVICE}/{method}")
