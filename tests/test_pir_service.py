@@ -120,3 +120,24 @@ def test_missing_table_is_a_clear_error(tmp_path):
         timeout=60,
     )
     assert run.returncode != 0 and "existing .npy file" in run.stderr
+
+
+def test_serve_reports_its_port_to_ready_and_stops_on_sigint(tmp_path):
+    np.save(tmp_path / "t.npy", np.arange(40, dtype=np.int8).reshape(10, 4))
+    code = (
+        "from fedge.privacy.service import serve\n"
+        f"serve({str(tmp_path / 't.npy')!r}, 1, ready=lambda p: print('ready', p, flush=True))"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        listening, ready = proc.stdout.readline().split(), proc.stdout.readline().split()
+        assert listening[:4] == ["pir-server", "party", "1", "listening"]
+        assert listening[6:8] == ["rows=10", "width=4"]
+        assert ready == ["ready", listening[5].rsplit(":", 1)[1]]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=10)
+        proc.stdout.close()
