@@ -60,3 +60,47 @@ def test_bad_fractions_are_explained():
         client_split(fed, 0, 0, 1.5)
     with pytest.raises(ValueError, match="partition-id"):
         client_split(fed, 10, 0)
+
+
+def test_end_to_end_run_with_shared_data_and_warm_up(run_dir):
+    from fedge.config import RunConfig
+    from fedge.server.app import simulate
+    from fedge.tasks import build_task
+
+    cfg = RunConfig.from_mapping(
+        dict(
+            num_clients=10,
+            rounds=1,
+            partition="label-k:1",
+            shared_fraction=0.1,
+            warmup_epochs=3,
+            local_epochs=1,
+            batch_size=20,
+            lr=0.02,
+            momentum=0.5,
+            eval_fraction=0.0,
+            out=str(run_dir),
+        )
+    )
+    (record,) = simulate(cfg)
+    labels = build_task("digits").train_labels()
+    fed = federation(labels, 10, "label-k:1", seed=0, shared_fraction=0.1)
+    trains = [client_split(fed, pid, seed=0)[0] for pid in range(10)]
+    emds, sizes = client_emds(labels, trains), np.array([len(t) for t in trains])
+    assert record["emd_mean"] == pytest.approx(float((emds * sizes).sum() / sizes.sum()))
+    assert 1.1 < record["emd_mean"] < 1.8 * 0.8  # G pulls every client towards p
+    assert record["examples_seen"] == sizes.sum()
+    assert record["failures"] == 0 and record["drift_mean"] > 0
+
+
+def test_warm_up_trains_the_initial_model_on_g():
+    from fedge.config import RunConfig
+    from fedge.server.app import server_federation, warm_up
+    from fedge.tasks import build_task
+
+    cfg = RunConfig(partition="label-k:1", shared_fraction=0.1, warmup_epochs=5, batch_size=20)
+    task = build_task("digits")
+    model, test = task.build_model(), task.test_dataset()
+    before = task.evaluate(model, test)["accuracy"]
+    warm_up(task, model, cfg, server_federation(task, cfg))
+    assert task.evaluate(model, test)["accuracy"] > before + 0.4

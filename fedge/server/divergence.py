@@ -5,7 +5,8 @@ weight divergence from centralized SGD.
   client reports the EMD of its training data, G included, as the metric `emd`).
 - `client_drift`: ||w_k - w_t|| / ||w_t|| of each reply against the model it was sent.
 - `ShadowSGD` + `weight_divergence`: a centralized SGD run on the pooled client data from
-  the same initial weights, with as many steps per round as the clients took together;
+  the same initial weights; as in Zhao et al.'s analysis, m rounds of T local steps are
+  matched with mT centralized steps (same batch size, learning rate and momentum);
   ||w_FedAvg - w_SGD|| / ||w_SGD|| per layer and for the whole model (simulation only).
 """
 
@@ -89,8 +90,8 @@ def client_drift(replies: Iterable[Message], sent: ArrayRecord) -> dict[str, flo
 class ShadowSGD:
     """Centralized SGD on the pooled client data, run alongside federated training.
 
-    Each round it takes as many SGD steps as the clients took together (same batch size,
-    learning rate schedule and momentum), so w_SGD and w_FedAvg have seen the same work.
+    Each round it takes as many SGD steps as a client took (the round's mean), with the
+    same batch size, learning rate schedule and momentum, from the same initial weights.
     """
 
     def __init__(self, task: Task, model: nn.Module, data: Dataset, train: TrainConfig) -> None:
