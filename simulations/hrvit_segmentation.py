@@ -149,7 +149,7 @@ def markdown(cost: list[dict], central: list[dict], fed: dict[str, list[dict]], 
     if central:
         lines += [
             "",
-            "| model | lr | train s | final train loss | test mIoU | pixel acc. |",
+            "| model | lr | train s | mean train loss | test mIoU | pixel acc. |",
             "|---|---:|---:|---:|---:|---:|",
         ]
     for r in central:
