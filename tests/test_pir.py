@@ -150,3 +150,43 @@ def test_codesign_budgets_drop_and_colocation_recovers():
         Layout(counts, CoDesign(colocate=True))
     with pytest.raises(ValueError, match="hot_rows"):
         CoDesign(hot_rows=8)
+
+
+def test_benchmark_script_runs_and_agrees_with_itself(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench.json"
+    subprocess.run(
+        [sys.executable, "benchmarks/pir.py", "--log-rows", "10", "--batches", "1,9"]
+        + ["--repeats", "1", "--naive-max", "2", "--json", str(out)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())
+    assert [(r["rows"], r["batch"]) for r in rows] == [(1024, 1), (1024, 9)]
+    assert all(r["fedge_qps"] > 0 and r["naive_qps"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_codesign_simulation_runs(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [sys.executable, "simulations/pir_codesign.py", "--steps", "5", "--repeats", "1"]
+        + ["--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=1200,
+    )
+    summary = json.loads((tmp_path / "pir_codesign.json").read_text())
+    plain = summary["results"][0]
+    assert plain["policy"] == "plain PIR" and plain["rows_missed"] == 0.0
+    assert all(
+        r["kib_scanned_per_inference"] < plain["kib_scanned_per_inference"]
+        for r in summary["results"][1:]
+    )
