@@ -42,8 +42,28 @@ def forward_flops(model: nn.Module, image_size: int) -> int:
     TransformerEncoderLayer takes a fused fast path that FlopCounterMode does not see."""
     model.eval()
     with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, 3, image_size, image_size))
+        model(torch.zeros(1, 3, image_size, image_size, device=next(model.parameters()).device))
     return counter.get_total_flops()
+
+
+# The paper's ADE20K table (SegFormer head, 512x512 crops): parameters (M) and GFLOPs.
+PAPER = {"b1": (8.2, 14.6), "b2": (20.8, 28.0), "b3": (28.7, 67.9)}
+
+
+def paper_scale() -> list[dict]:
+    """b1/b2/b3 with 150 classes at 512x512, counted on the meta device (no memory, no
+    compute): parameters and multiply-accumulates, next to the paper's table."""
+    rows = []
+    for name, (params_m, gflops) in PAPER.items():
+        with torch.device("meta"):
+            model = build_model(name, num_classes=150)
+            macs = forward_flops(model, 512) / 2
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(
+            {"model": name, "params_m": params / 1e6, "gmacs": macs / 1e9,
+             "paper_params_m": params_m, "paper_gflops": gflops}
+        )  # fmt: skip
+    return rows
 
 
 def step_times(task: HRViTTask, models: dict[str, nn.Module], batch_size: int) -> dict:
@@ -135,8 +155,16 @@ def federated(args: argparse.Namespace) -> dict[str, list[dict]]:
     return histories
 
 
-def markdown(cost: list[dict], central: list[dict], fed: dict[str, list[dict]], args) -> str:
+def markdown(paper: list[dict], cost: list[dict], central: list[dict], fed: dict, args) -> str:
     lines = [
+        "| config | params (M) | paper params (M) | GMACs at 512x512 | paper GFLOPs |",
+        "|---|---:|---:|---:|---:|",
+        *(
+            f"| {r['model']} | {r['params_m']:.2f} | {r['paper_params_m']} | "
+            f"{r['gmacs']:.1f} | {r['paper_gflops']} |"
+            for r in paper
+        ),
+        "",
         f"Procedural scenes, {args.image_size}x{args.image_size} px, {args.num_images} train / "
         f"{args.num_test_images} test images, 8 classes; SGD momentum 0.9, batch "
         f"{args.batch_size}, {args.epochs} epochs; {args.threads} torch thread(s).",
@@ -204,13 +232,14 @@ def main() -> None:
         num_images=args.num_images,
         num_test_images=args.num_test_images,
     )
+    paper = paper_scale()
     cost = costs(task, args)
-    print(json.dumps(cost), flush=True)
+    print(json.dumps(paper), json.dumps(cost), flush=True)
     central = [] if args.skip_central else centralized(task, args)
     fed = {} if args.skip_federated else federated(args)
-    results = {"costs": cost, "centralized": central, "federated": fed}
+    results = {"paper_scale": paper, "costs": cost, "centralized": central, "federated": fed}
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown(cost, central, fed, args)
+    table = markdown(paper, cost, central, fed, args)
     (out / "results.md").write_text(table)
     print(table)
 
