@@ -233,7 +233,8 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         record = {"round": server_round, **metrics, **train, **label_skew(replies)}
         record.update(client_drift(replies, sent["arrays"]))
         if shadow is not None:
-            steps = sum(int(m.content["metrics"]["steps"]) for m in replies if not m.has_error())
+            steps = [int(m.content["metrics"]["steps"]) for m in replies if not m.has_error()]
+            steps = round(sum(steps) / max(len(steps), 1))  # Zhao: T local steps <-> T SGD steps
             lr = cfg.lr * cfg.lr_decay ** (server_round - 1)
             record.update(weight_divergence(arrays, shadow.step(server_round, steps, lr)))
         sent["arrays"] = arrays
