@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
 
-SERVER_ONLY = {"backend"}  # RunConfig fields that make no sense for `fedge server`
+# RunConfig fields that make no sense for `fedge server` (they configure simulation)
+SERVER_ONLY = {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
 
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    if os.getcwd() not in sys.path:  # `module:Class` plug-ins resolve from here, as with -m
+        sys.path.insert(0, os.getcwd())
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

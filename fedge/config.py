@@ -56,7 +56,13 @@ class RunConfig:
     shared_per_client: float = opt(1.0, "random fraction of G each client mixes in (beta)")
     warmup_epochs: int = opt(0, "epochs the server trains the initial model on G")
     track_divergence: bool = opt(False, "shadow centralized SGD for weight divergence (slow)")
-    backend: str = opt("local", "simulation engine: local (in-process), flower (run_simulation)")
+    backend: str = opt(
+        "ray", "simulation engine: ray (fedge's RayGrid), local (in-process), flower (Flower's)"
+    )
+    ray_address: str | None = opt(None, "join this Ray cluster (else $RAY_ADDRESS, else local)")
+    client_cpus: float = opt(1.0, "CPUs one simulated client needs (fractions allowed)")
+    client_gpus: float = opt(0.0, "GPUs one simulated client needs (fractions allowed)")
+    dropout_rate: float = opt(0.0, "probability that a sampled client fails (simulated)")
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt("cpu", "torch device for training: cpu, cuda, or auto")
 
@@ -111,6 +117,9 @@ class RunConfig:
         )
         _check(self.round_timeout > 0, "round_timeout", "must be > 0", self.round_timeout)
         _check(self.backend in BACKENDS, "backend", f"must be one of {BACKENDS}", self.backend)
+        _check(self.client_cpus > 0, "client_cpus", "must be > 0", self.client_cpus)
+        _check(self.client_gpus >= 0, "client_gpus", "must be >= 0", self.client_gpus)
+        _check(0 <= self.dropout_rate < 1, "dropout_rate", "must be in [0, 1)", self.dropout_rate)
         _check(
             self.device in ("cpu", "cuda", "auto"),
             "device",
@@ -153,7 +162,7 @@ class RunConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
-BACKENDS = ("local", "flower")
+BACKENDS = ("ray", "local", "flower")
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

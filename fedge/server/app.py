@@ -288,6 +288,21 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
     from fedge.client.app import app as client_app
 
     _quiet_flower()
+    if cfg.backend == "ray":
+        from fedge.server.ray_grid import RayGrid, init_ray
+
+        init_ray(cfg.ray_address)
+        grid = RayGrid(
+            cfg.num_clients,
+            client_cpus=cfg.client_cpus,
+            client_gpus=cfg.client_gpus,
+            dropout_rate=cfg.dropout_rate,
+            seed=cfg.seed,
+        )
+        try:
+            return run_server(grid, cfg)
+        finally:
+            grid.shutdown()
     if cfg.backend == "local":
         from fedge.server.local_grid import LocalGrid
 

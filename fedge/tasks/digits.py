@@ -133,8 +133,19 @@ class SmallCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x)))
 
 
+def build_mlp(pixels: int, hidden: int, num_classes: int = 10) -> nn.Module:
+    """One hidden layer on raw pixels: learns in few steps, so it suits tiny partitions."""
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(pixels, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+    )
+
+
 class DigitsTask(Task):
-    """Classify handwritten digits 0-9. Options: `source` (mnist5k|sklearn), `width`."""
+    """Classify handwritten digits 0-9.
+
+    Options: `source` (mnist5k | sklearn), `model` (cnn | mlp), `width` (CNN channels or
+    MLP hidden units).
+    """
 
     name = "digits"
 
@@ -143,10 +154,14 @@ class DigitsTask(Task):
         data_dir: str | None = None,
         seed: int = 0,
         source: str = "mnist5k",
+        model: str = "cnn",
         width: int = 16,
         **options: Any,
     ) -> None:
         super().__init__(data_dir, seed, **options)
+        if model not in ("cnn", "mlp"):
+            raise ValueError(f"digits model {model!r} is not known; use 'cnn' or 'mlp'")
+        self.model = model
         self.width = int(width)
         splits = load_idx_dir(data_dir) if data_dir else load_bundled(source)
         self._data = {k: self._tensors(*v) for k, v in splits.items()}
@@ -158,6 +173,8 @@ class DigitsTask(Task):
 
     def build_model(self) -> nn.Module:
         torch.manual_seed(self.seed)
+        if self.model == "mlp":
+            return build_mlp(self._data["train"][0][0].numel(), 8 * self.width)
         return SmallCNN(width=self.width)
 
     def train_labels(self) -> np.ndarray:
