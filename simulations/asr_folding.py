@@ -155,6 +155,7 @@ def federated(args: argparse.Namespace, task: str, rounds: int, metric: str) -> 
             lr=0.02,
             momentum=0.9,
             eval_fraction=0.0,
+            backend="local",
             seed=args.seed,
             out=str(ROOT / "runs" / f"asr_folding_{task}"),
         )

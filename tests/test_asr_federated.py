@@ -20,6 +20,7 @@ def federated(run_dir, task: str, options: dict, **kw) -> tuple[dict, list[dict]
         lr=0.02,
         momentum=0.9,
         eval_fraction=0.0,
+        backend="local",  # in-process: no Ray cluster needed, deterministic
         out=str(run_dir),
     )
     return before, simulate(RunConfig.from_mapping({**base, **kw}))
