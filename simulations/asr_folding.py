@@ -250,7 +250,8 @@ SRAM (column "same groups as size order").
 
 ## 4. Federated, one group of speakers per client (`partition=natural`)
 
-{args.clients} clients, FedAvg, all clients every round, 2 local epochs, SGD lr 0.02 momentum
+{args.clients} clients, FedAvg (in-process `local` backend), all clients every round, 2 local
+epochs, SGD lr 0.02 momentum
 0.9, batch 8, 2-layer model; centralised evaluation on unseen speakers after each round.
 
 Phrase recognition (`--task asr`):
