@@ -147,6 +147,7 @@ def federated(args: argparse.Namespace) -> dict[str, list[dict]]:
             lr=args.fed_lr,
             momentum=0.9,
             eval_fraction=0.0,
+            backend=args.backend,
             seed=args.seed,
             out=str(Path(args.out) / f"federated-{scheme.replace(':', '')}"),
         )
@@ -217,6 +218,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--fed-lr", type=float, default=0.1)
+    parser.add_argument("--backend", default="local", help="simulate's engine [local]")
     parser.add_argument("--partitions", type=lambda s: s.split(","), default=["natural", "iid"])
     parser.add_argument("--skip-central", action="store_true")
     parser.add_argument("--skip-federated", action="store_true")

@@ -24,6 +24,7 @@ def test_short_federated_run_raises_miou(run_dir):
             lr=0.1,
             momentum=0.9,
             eval_fraction=0.0,
+            backend="local",  # in-process: no Ray cluster needed, deterministic
             out=str(run_dir),
         )
     )
