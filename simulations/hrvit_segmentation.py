@@ -60,9 +60,14 @@ def paper_scale() -> list[dict]:
             macs = forward_flops(model, 512) / 2
         params = sum(p.numel() for p in model.parameters())
         rows.append(
-            {"model": name, "params_m": params / 1e6, "gmacs": macs / 1e9,
-             "paper_params_m": params_m, "paper_gflops": gflops}
-        )  # fmt: skip
+            {
+                "model": name,
+                "params_m": params / 1e6,
+                "gmacs": macs / 1e9,
+                "paper_params_m": params_m,
+                "paper_gflops": gflops,
+            }
+        )
     return rows
 
 
@@ -106,9 +111,12 @@ def centralized(task: HRViTTask, args: argparse.Namespace) -> list[dict]:
             torch.manual_seed(args.seed)
             model = make(task.num_classes, args.image_size)
             cfg = TrainConfig(
-                epochs=args.epochs, batch_size=args.batch_size, lr=lr, momentum=0.9,
+                epochs=args.epochs,
+                batch_size=args.batch_size,
+                lr=lr,
+                momentum=0.9,
                 seed=args.seed,
-            )  # fmt: skip
+            )
             report = task.train(model, task.train_dataset(), cfg)
             metrics = task.evaluate(model, task.test_dataset())
             row = {

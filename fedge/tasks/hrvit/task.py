@@ -85,9 +85,13 @@ class HRViTTask(Task):
                 seed, int(num_images), self.image_size, int(num_styles), self.num_classes
             )
             test = ProceduralScenes.generate(
-                seed, int(num_test_images), self.image_size, int(num_styles),
-                self.num_classes, start=TEST_START,
-            )  # fmt: skip
+                seed,
+                int(num_test_images),
+                self.image_size,
+                int(num_styles),
+                self.num_classes,
+                start=TEST_START,
+            )
             self._train, self._test = scenes.data, test.data
             self._labels = scenes.dominant_classes(self.num_classes)
             self._groups = scenes.style
