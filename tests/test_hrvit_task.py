@@ -111,3 +111,5 @@ def test_task_reads_an_ade20k_folder(tmp_path):
     assert task.train_labels().tolist() == [2, 3]
     metrics = task.evaluate(task.build_model().eval(), task.test_dataset())
     assert 0.0 <= metrics["miou"] <= 1.0 and metrics["num_examples"] == 2
+    capped = HRViTTask(data_dir=str(tmp_path), image_size=32, num_images=1, num_test_images=1)
+    assert len(capped.train_dataset()) == len(capped.test_dataset()) == 1

@@ -47,9 +47,9 @@ class HRViTTask(Task):
     """Semantic segmentation with HRViT.
 
     Options: config ('tiny', 'b1', 'b2', 'b3'; default 'tiny'), image_size (side in pixels,
-    default 64), num_images (training pool size; procedural default 512, folders: all when 0),
-    num_test_images (default 128 procedural, all when 0 for folders), num_styles (procedural
-    client styles, default 4).
+    default 64), num_images (training pool size; default 512 procedural scenes, or every
+    image of a folder), num_test_images (default 128 procedural scenes, or every image of the
+    folder's validation split), num_styles (procedural client styles, default 4).
     """
 
     name = "hrvit"
@@ -62,8 +62,8 @@ class HRViTTask(Task):
         seed: int = 0,
         config: str = "tiny",
         image_size: int = 64,
-        num_images: int = 512,
-        num_test_images: int = 128,
+        num_images: int = 0,
+        num_test_images: int = 0,
         num_styles: int = 4,
         **options: Any,
     ) -> None:
@@ -82,11 +82,11 @@ class HRViTTask(Task):
         else:
             self.num_classes = len(CLASSES)
             scenes = ProceduralScenes.generate(
-                seed, int(num_images), self.image_size, int(num_styles), self.num_classes
+                seed, int(num_images or 512), self.image_size, int(num_styles), self.num_classes
             )
             test = ProceduralScenes.generate(
                 seed,
-                int(num_test_images),
+                int(num_test_images or 128),
                 self.image_size,
                 int(num_styles),
                 self.num_classes,
