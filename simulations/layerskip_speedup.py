@@ -55,6 +55,7 @@ def train_federated(args, name: str, options: dict) -> tuple[MobileLLMTask, torc
             momentum=0.9,
             eval_fraction=0.0,
             max_train_seconds=args.max_train_seconds,
+            backend=args.backend,
             seed=args.seed,
             out=str(Path(args.out) / name),
         )
@@ -193,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--max-train-seconds", type=float, default=0.0, help="per client per round")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--backend", default="local", help="simulation engine (see fedge run --help)")
     ap.add_argument("--exits", type=int, nargs="+", default=[2, 4, 6, 8, 12])
     ap.add_argument("--num-draft", type=int, nargs="+", default=[3, 6])
     ap.add_argument("--prompts", type=int, default=4)

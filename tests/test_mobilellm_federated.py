@@ -26,6 +26,7 @@ def test_two_federated_rounds_lower_perplexity(run_dir):
             lr=0.2,
             momentum=0.9,
             eval_fraction=0.0,
+            backend="local",  # in-process: no Ray cluster needed, deterministic
             out=str(run_dir),
         )
     )
