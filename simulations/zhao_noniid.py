@@ -49,7 +49,9 @@ def scale(task: str, quick: bool) -> dict[str, Any]:
     lr 0.02 with momentum 0.5 to learn in 15 rounds. KWS (a small streaming transformer)
     uses the ASR helper's federated settings (lr 0.02, momentum 0.9, B=8, E=3).
     """
-    base = dict(num_clients=10, local_epochs=1, lr_decay=0.995, eval_fraction=0.0, seed=0)
+    base = dict(
+        num_clients=10, local_epochs=1, lr_decay=0.995, eval_fraction=0.0, seed=0, backend="local"
+    )
     if task == "digits":
         run = dict(
             base, task="digits", rounds=3 if quick else 15, lr=0.02, batch_size=10, momentum=0.5
@@ -88,24 +90,30 @@ def run(name: str, out: Path, settings: dict[str, Any]) -> list[dict[str, Any]]:
     return history
 
 
-def experiments(task: str, quick: bool, runs: Path) -> dict[str, list[dict[str, Any]]]:
+def experiments(
+    task: str, quick: bool, runs: Path, div_rounds: int = 0, only_divergence: bool = False
+) -> dict[str, list[dict[str, Any]]]:
     """Every federated run of one task, keyed by setting name."""
     plan = scale(task, quick)
     base = plan["run"]
     results: dict[str, list[dict[str, Any]]] = {}
-    for part in ("iid", "label-k:2", "label-k:1"):
+    for part in () if only_divergence else ("iid", "label-k:2", "label-k:1"):
         results[part] = run(f"{task}-{part}", runs, {**base, "partition": part})
-    for alpha in plan["alphas"]:
+    for alpha in () if only_divergence else plan["alphas"]:
         settings = {**base, "partition": "label-k:1", "shared_fraction": alpha, "warmup_epochs": 5}
         results[f"label-k:1+G{alpha}"] = run(f"{task}-1class-G{alpha}", runs, settings)
-    for strategy in plan["strategies"]:
+    if not only_divergence and plan["alphas"]:  # G mixed in, without the warm-up on G
+        settings = {**base, "partition": "label-k:1", "shared_fraction": plan["alphas"][0]}
+        key = f"label-k:1+G{plan['alphas'][0]}/no-warm-up"
+        results[key] = run(f"{task}-1class-G{plan['alphas'][0]}-nowarm", runs, settings)
+    for strategy in () if only_divergence else plan["strategies"]:
         settings = {**base, "partition": "label-k:1", "strategy": strategy}
         results[f"label-k:1/{strategy}"] = run(f"{task}-1class-{strategy}", runs, settings)
     for part in DIVERGENCE_PARTITIONS:
         settings = {
             **base,
             "partition": part,
-            "rounds": plan["div_rounds"],
+            "rounds": div_rounds or plan["div_rounds"],
             "track_divergence": True,
         }
         results[f"div/{part}"] = run(f"{task}-div-{part}", runs, settings)
@@ -123,8 +131,9 @@ def table(task: str, results: dict[str, list[dict[str, Any]]]) -> tuple[str, dic
     lines = [
         f"### {task} ({rounds} rounds)",
         "",
-        "| setting | EMD (mean) | accuracy (%) | change vs IID (points) | paper |",
-        "|---|---|---|---|---|",
+        "| setting | EMD (mean) | accuracy (%), last round | mean of last 3 | change vs IID |"
+        " paper |",
+        "|---|---|---|---|---|---|",
     ]
     for key, history in results.items():
         if key.startswith("div/"):
@@ -133,8 +142,10 @@ def table(task: str, results: dict[str, list[dict[str, Any]]]) -> tuple[str, dic
         emd = history[-1].get("emd_mean")
         shown = f"{emd:.2f}" if emd is not None else "n/a"
         ref = {"label-k:1": f"-{PAPER_DROP[task]}", "label-k:1+G0.05": PAPER_SHARED}.get(key, "")
+        last3 = sum(100 * r["accuracy"] for r in history[-3:]) / len(history[-3:])
         lines.append(
-            f"| {label} | {shown} | {pct(history):.1f} | {pct(history) - iid:+.1f} | {ref} |"
+            f"| {label} | {shown} | {pct(history):.1f} | {last3:.1f} | {pct(history) - iid:+.1f}"
+            f" | {ref} |"
         )
     drop = iid - one
     g5 = pct(results["label-k:1+G0.05"])
@@ -172,7 +183,7 @@ def plots(task: str, results: dict[str, list[dict[str, Any]]], out: Path) -> lis
     groups = [
         ("partition (FedAvg)", ["iid", "label-k:2", "label-k:1"]),
         ("1-class + shared G", ["label-k:1"] + [k for k in results if "+G" in k]),
-        ("1-class, strategy", ["label-k:1"] + [k for k in results if "/" in k and "div" not in k]),
+        ("1-class, strategy", ["label-k:1"] + [k for k in results if k.startswith("label-k:1/")]),
     ]
     for ax, (title, keys) in zip(axes, groups, strict=True):
         for key in keys:
@@ -216,6 +227,14 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rebuild tables and plots from --runs"
     )
+    parser.add_argument(
+        "--div-rounds", type=int, default=0, help="rounds of the divergence sweep (0: default)"
+    )
+    parser.add_argument(
+        "--divergence-only",
+        action="store_true",
+        help="rerun only the divergence sweep, keeping the other saved runs",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     out, runs = Path(args.out), Path(args.runs)
@@ -226,7 +245,10 @@ def main() -> None:
         if args.report_only:
             results = json.loads(saved.read_text())
         else:
-            results = experiments(task, args.quick, runs)
+            results = json.loads(saved.read_text()) if args.divergence_only else {}
+            results.update(
+                experiments(task, args.quick, runs, args.div_rounds, args.divergence_only)
+            )
             saved.write_text(json.dumps(results))
         text, summary[task] = table(task, results)
         pngs = plots(task, results, out)

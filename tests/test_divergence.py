@@ -39,6 +39,7 @@ def test_divergence_is_zero_where_fedavg_is_sgd(run_dir):
             lr=0.1,
             momentum=0.0,
             eval_fraction=0.0,
+            backend="local",
             track_divergence=True,
             out=str(run_dir),
         )
@@ -62,6 +63,7 @@ def test_label_skew_diverges_more_than_iid(run_dir):
                 momentum=0.5,
                 partition=partition,
                 eval_fraction=0.0,
+                backend="local",
                 track_divergence=True,
                 out=str(run_dir / partition),
             )

@@ -100,6 +100,7 @@ def test_short_non_iid_runs_learn(run_dir, strategy, partition):
             rounds=3,
             local_epochs=1,
             eval_fraction=0.0,
+            backend="local",
             out=str(run_dir),
         )
     )

@@ -79,6 +79,7 @@ def test_end_to_end_run_with_shared_data_and_warm_up(run_dir):
             lr=0.02,
             momentum=0.5,
             eval_fraction=0.0,
+            backend="local",
             out=str(run_dir),
         )
     )
