@@ -32,6 +32,8 @@ def test_scaffold_client_and_server_control_variates():
     first = replies[[r.metadata.src_node_id for r in replies].index(NODE_ID_BASE)]
     assert all(np.array_equal(state[k].numpy(), first.content[DELTA][k].numpy()) for k in state)
     assert all(v.abs().sum() > 0 for v in deltas[0].values())
+    sent_back = first.content["arrays"].count_bytes() + first.content[DELTA].count_bytes()
+    assert first.content["metrics"]["update_bytes"] == sent_back  # the control delta counts too
     # with c = c_k = 0 the correction is zero: the client trained exactly as plain SGD does
     plain = RecordDict({"arrays": weights, "config": client_config(cfg)})
     plain_grid = LocalGrid(client_app, num_nodes=10)

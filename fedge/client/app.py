@@ -163,7 +163,7 @@ def train(msg: Message, context: Context) -> Message:
             "examples_seen": report.num_examples,
             "steps": report.steps,
             "stopped_early": int(report.stopped_early),
-            "update_bytes": arrays.count_bytes(),
+            "update_bytes": sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
             "emd": float(client_emds(task.train_labels(), [train_idx])[0]),
             **extra_metrics,
         }
