@@ -3,6 +3,8 @@
 import json
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import plugin_apps  # noqa: F401  (importable by the workers too)
 import plugin_strategies
@@ -150,3 +152,7 @@ def test_joins_a_ray_cluster_started_by_the_test(tmp_path):
         assert records[0]["num_clients"] == 3
     finally:
         stop(head, grace=20)
+        # `ray start` records its address for later ray.init() calls; do not leave it stale
+        marker = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+        if marker.exists() and marker.read_text().strip().endswith(f":{port}"):
+            marker.unlink()

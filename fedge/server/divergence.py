@@ -47,8 +47,9 @@ def _floats(state: Mapping[str, object]) -> dict[str, np.ndarray]:
 def relative_distance(a: Mapping[str, object], b: Mapping[str, object]) -> float:
     """||a - b|| / ||b|| over all floating-point entries."""
     fa, fb = _floats(a), _floats(b)
-    num = sum(float(((fa[k] - fb[k]) ** 2).sum()) for k in fb)
-    den = sum(float((fb[k] ** 2).sum()) for k in fb)
+    keys = [k for k in fb if k in fa]  # FedAvg turns integer buffers (BatchNorm counts) into floats
+    num = sum(float(((fa[k] - fb[k]) ** 2).sum()) for k in keys)
+    den = sum(float((fb[k] ** 2).sum()) for k in keys)
     return float(np.sqrt(num / den)) if den > 0 else float("nan")
 
 

@@ -349,7 +349,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # workers import what the driver can: its own source folders (not site-packages)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(_source_paths())}}
-        ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        # "local": a fresh instance even when a `ray start` cluster runs on this machine
+        ray.init("local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
 
 
 def _source_paths() -> list[str]:
