@@ -16,7 +16,7 @@ from fedge.tasks import build_task
 
 
 def small_run(out, **kw):
-    base = dict(num_clients=4, rounds=2, eval_fraction=0.5, out=str(out))
+    base = dict(backend="local", num_clients=4, rounds=2, eval_fraction=0.5, out=str(out))
     return RunConfig.from_mapping({**base, **kw})
 
 
@@ -135,3 +135,25 @@ def test_flower_compat_layer_self_test():
     from fedge.server.compat import self_test
 
     self_test()
+
+
+def test_lora_clients_ship_only_their_adapters(run_dir):
+    options = {"trainable": "lora", "seq_len": 32}
+    cfg = small_run(
+        run_dir,
+        task="mobilellm",
+        task_options=options,
+        partition="natural",
+        num_clients=10,
+        clients_per_round=2,
+        rounds=1,
+        local_epochs=1,
+        eval_fraction=0,
+        lr=0.2,
+    )
+    history = simulate(cfg)
+    full = build_task("mobilellm", **options).build_model().state_dict()
+    full_bytes = ArrayRecord(full).count_bytes()
+    assert 0 < history[0]["update_bytes_mean"] < 0.25 * full_bytes
+    final = torch.load(run_dir / "final_model.pt")
+    assert set(final) == set(full)  # the server keeps the whole model, frozen base included

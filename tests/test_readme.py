@@ -22,7 +22,14 @@ def test_readme_task_example_trains_in_a_federation(run_dir):
     sys.modules["readme_blobs"] = module
     try:
         history = simulate(
-            RunConfig(task="readme_blobs:Blobs", num_clients=3, rounds=2, out=str(run_dir))
+            # in-process: the module exists only in this interpreter
+            RunConfig(
+                task="readme_blobs:Blobs",
+                num_clients=3,
+                rounds=2,
+                backend="local",
+                out=str(run_dir),
+            )
         )
     finally:
         del sys.modules["readme_blobs"]

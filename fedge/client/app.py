@@ -27,6 +27,7 @@ from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
+from fedge.tasks.base import exchanged_state, load_exchanged
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,7 @@ def resolve_device(name: str) -> torch.device:
 def model_from(task: Task, arrays: ArrayRecord, device: torch.device) -> nn.Module:
     """The task's model holding the global weights that arrived with the message."""
     model = task.build_model()
-    model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
+    load_exchanged(model, arrays.to_torch_state_dict())
     return model.to(device)
 
 
@@ -152,7 +153,7 @@ def train(msg: Message, context: Context) -> Message:
     extra_arrays, extra_metrics = (
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
-    arrays = ArrayRecord(model.to("cpu").state_dict())
+    arrays = ArrayRecord(exchanged_state(model.to("cpu")))
     train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {

@@ -30,6 +30,7 @@ from fedge.server.divergence import ShadowSGD, client_drift, label_skew, weight_
 from fedge.server.history import History, atomic_write_bytes, summarize_evaluate, summarize_train
 from fedge.strategies import build_strategy
 from fedge.tasks import Task, TrainConfig, build_task
+from fedge.tasks.base import exchanged_state, load_exchanged
 
 CONFIG_KEY = "fedge-config"  # run_config key holding the path of the run's config JSON
 console = Console(highlight=False, soft_wrap=True)
@@ -175,9 +176,10 @@ def shadow_sgd(task: Task, model: torch.nn.Module, cfg: RunConfig, fed: Federati
     return ShadowSGD(task, model, data, local_sgd(cfg, cfg.local_epochs))
 
 
-def save_checkpoint(out: Path, server_round: int, arrays: ArrayRecord) -> Path:
+def save_checkpoint(out: Path, server_round: int, model: torch.nn.Module) -> Path:
+    """The whole global model after a round (frozen weights included), written atomically."""
     buf = io.BytesIO()
-    torch.save(arrays.to_torch_state_dict(), buf)
+    torch.save(model.state_dict(), buf)
     path = out / "checkpoints" / f"round_{server_round:03d}.pt"
     atomic_write_bytes(path, buf.getvalue())
     return path
@@ -219,7 +221,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
-        model.load_state_dict(arrays.to_torch_state_dict())
+        load_exchanged(model, arrays.to_torch_state_dict())
         metrics = task.evaluate(model, test_data)
         metrics.pop("num_examples", None)
         if server_round == 0:
@@ -240,7 +242,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         sent["arrays"] = arrays
         record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)))
         record["seconds"] = time.perf_counter() - clock["t"]
-        save_checkpoint(out, server_round, arrays)
+        save_checkpoint(out, server_round, model)
         history.append(record)
         console.print(progress_line(record, cfg.rounds, task.metric))
         clock["t"] = time.perf_counter()
@@ -249,14 +251,15 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
     spec = client_config(cfg)
     result = strategy.start(
         grid=observer,
-        initial_arrays=ArrayRecord(model.state_dict()),
+        initial_arrays=ArrayRecord(exchanged_state(model)),
         num_rounds=cfg.rounds,
         timeout=cfg.round_timeout,
         train_config=spec,
         evaluate_config=ConfigRecord(dict(spec)),
         evaluate_fn=evaluate,
     )
-    torch.save(result.arrays.to_torch_state_dict(), out / "final_model.pt")
+    load_exchanged(model, result.arrays.to_torch_state_dict())
+    torch.save(model.state_dict(), out / "final_model.pt")
     return history.records
 
 

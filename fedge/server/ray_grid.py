@@ -98,11 +98,10 @@ class ClientWorker:
     """Runs the ClientApp for batches of virtual nodes; holds nothing between batches."""
 
     def __init__(self, app_spec: str, run_id: int, num_nodes: int, threads: int) -> None:
-        import torch
-
-        torch.set_num_threads(max(1, threads))
         logging.getLogger("flwr").setLevel(logging.WARNING)
         self.app = load_object(app_spec)
+        if "torch" in sys.modules:  # only if the app uses it: importing torch costs ~300 MB
+            sys.modules["torch"].set_num_threads(max(1, threads))
         self.run_id = run_id
         self.num_nodes = num_nodes
         claim_server_identity(run_id)  # to rebuild the instruction messages here

@@ -148,6 +148,28 @@ class Task(ABC):
         return self.finalize(sums)
 
 
+def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What clients and server exchange: the state_dict without frozen parameters.
+
+    Frozen parameters (a LoRA model's base weights) are rebuilt identically from the task
+    on both sides, so a device ships only what it trained.
+    """
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k not in frozen}
+
+
+def load_exchanged(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an exchanged state; a mismatch says which keys and what to check."""
+    expected, got = set(exchanged_state(model)), set(state)
+    if got != expected:
+        raise ValueError(
+            f"weights do not fit the model: missing {sorted(expected - got)[:4]}, "
+            f"unexpected {sorted(got - expected)[:4]}; client and server must run the same "
+            "task with the same options"
+        )
+    model.load_state_dict(state, strict=False)
+
+
 def _batches(task: Task, data: Dataset, cfg: TrainConfig) -> Iterator[Batch]:
     for epoch in range(cfg.epochs):
         yield from task.loader(data, cfg.batch_size, shuffle=True, seed=cfg.seed + epoch)
