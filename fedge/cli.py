@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, TimeoutError) as exc:
+    except (ConfigError, ValueError, OSError, TimeoutError) as exc:
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

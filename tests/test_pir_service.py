@@ -15,7 +15,7 @@ from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, encode_reques
 
 def _start(table_path, party):
     proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.privacy.service", "--table", str(table_path)]
+        [sys.executable, "-m", "fedge.cli", "pir-server", "--table", str(table_path)]
         + ["--party", str(party), "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
