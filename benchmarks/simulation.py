@@ -119,9 +119,6 @@ def main() -> None:
     parser.add_argument("--sampled", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--json", help="also write the rows to this JSON file")
-    parser.add_argument(
-        "--fedge-only", action="store_true", help="skip Flower (population scaling of fedge alone)"
-    )
     args = parser.parse_args()
     rows = []
     header = (
