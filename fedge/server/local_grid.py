@@ -45,22 +45,14 @@ def call_client_app(app: ClientApp, message: Message, context: Context) -> Messa
     return reply
 
 
-class LocalGrid(Grid):
-    """Runs `client_app` for `num_nodes` virtual nodes in this process.
+class VirtualGrid(Grid):
+    """What every fedge simulation grid shares: `num_nodes` virtual nodes with fixed ids
+    (partition i is node NODE_ID_BASE + i) and the SuperLink's identity in this process."""
 
-    Each node keeps its own `Context` (and so its `state`) across rounds; contexts are
-    built on first use, so a large population costs nothing until sampled.
-    """
-
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
-        self.client_app = client_app
+    def __init__(self, num_nodes: int, run_id: int = 1) -> None:
         self.num_nodes = num_nodes
-        self.run_id = run_id
-        self._contexts: dict[int, Context] = {}
-        self._replies: dict[str, Message] = {}
-        claim_server_identity(run_id)
+        self.set_run(run_id)
 
-    # --- Grid's abstract interface --------------------------------------------------
     def set_run(self, run_id: int) -> None:
         self.run_id = run_id
         claim_server_identity(run_id)
@@ -81,6 +73,27 @@ class LocalGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return range(NODE_ID_BASE, NODE_ID_BASE + self.num_nodes)
+
+    def partition_of(self, node_id: int) -> int:
+        """The partition a node holds; an error for nodes outside the grid."""
+        pid = node_id - NODE_ID_BASE
+        if not 0 <= pid < self.num_nodes:
+            raise ValueError(f"node {node_id} is not part of this grid")
+        return pid
+
+
+class LocalGrid(VirtualGrid):
+    """Runs `client_app` for `num_nodes` virtual nodes in this process.
+
+    Each node keeps its own `Context` (and so its `state`) across rounds; contexts are
+    built on first use, so a large population costs nothing until sampled.
+    """
+
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+        super().__init__(num_nodes, run_id)
+        self.client_app = client_app
+        self._contexts: dict[int, Context] = {}
+        self._replies: dict[str, Message] = {}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         ids = []
@@ -112,9 +125,7 @@ class LocalGrid(Grid):
     def context(self, node_id: int) -> Context:
         """The node's persistent Context, created on first use."""
         if node_id not in self._contexts:
-            pid = node_id - NODE_ID_BASE
-            if not 0 <= pid < self.num_nodes:
-                raise ValueError(f"node {node_id} is not part of this grid")
+            pid = self.partition_of(node_id)
             self._contexts[node_id] = Context(
                 run_id=self.run_id,
                 node_id=node_id,

@@ -30,11 +30,16 @@ from typing import Any
 import numpy as np
 import ray
 from flwr.app import Context, Message, RecordDict
-from flwr.serverapp import Grid
 
 from fedge.config import load_object
 from fedge.server.compat import ErrorCode, assign_message_id, claim_server_identity
-from fedge.server.local_grid import NODE_ID_BASE, call_client_app, error_reply, node_config
+from fedge.server.local_grid import (
+    NODE_ID_BASE,
+    VirtualGrid,
+    call_client_app,
+    error_reply,
+    node_config,
+)
 
 log = logging.getLogger("fedge")
 DEFAULT_CLIENT_APP = "fedge.client.app:app"
@@ -127,7 +132,7 @@ class ClientWorker:
         return out
 
 
-class RayGrid(Grid):
+class RayGrid(VirtualGrid):
     """A Grid of `num_nodes` virtual nodes served by Ray actors.
 
     client_cpus / client_gpus: resources one client needs (fractions allowed); the pool
@@ -151,7 +156,7 @@ class RayGrid(Grid):
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError("call fedge.server.ray_grid.init_ray() before building a RayGrid")
-        self.num_nodes = num_nodes
+        super().__init__(num_nodes, run_id)
         self.app_spec = app_spec
         self.client_cpus = client_cpus
         self.client_gpus = client_gpus
@@ -159,8 +164,6 @@ class RayGrid(Grid):
         self.batch_size = batch_size
         self.states = NodeStateStore(state_memory_bytes)
         self.rng = np.random.default_rng(seed)
-        self.run_id = run_id
-        claim_server_identity(run_id)
         self.num_actors = num_actors or self._fit_actors()
         self.actors = [self._new_actor() for _ in range(self.num_actors)]
         ray.get([a.ready.remote() for a in self.actors])
@@ -180,27 +183,6 @@ class RayGrid(Grid):
         )
 
     # --- Grid's interface -----------------------------------------------------------
-    def set_run(self, run_id: int) -> None:
-        self.run_id = run_id
-        claim_server_identity(run_id)
-
-    @property
-    def run(self) -> int:  # type: ignore[override]
-        return self.run_id
-
-    def create_message(
-        self,
-        content: RecordDict,
-        message_type: str,
-        dst_node_id: int,
-        group_id: str,
-        ttl: float | None = None,
-    ) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return range(NODE_ID_BASE, NODE_ID_BASE + self.num_nodes)
-
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         raise NotImplementedError("RayGrid answers whole rounds: use send_and_receive")
 
@@ -214,8 +196,7 @@ class RayGrid(Grid):
         deadline = time.monotonic() + timeout if timeout else float("inf")
         messages = list(messages)
         for msg in messages:
-            if not NODE_ID_BASE <= msg.metadata.dst_node_id < NODE_ID_BASE + self.num_nodes:
-                raise ValueError(f"node {msg.metadata.dst_node_id} is not part of this grid")
+            self.partition_of(msg.metadata.dst_node_id)
             assign_message_id(msg)
         replies: dict[str, Message] = {}
         live = []
