@@ -9,7 +9,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, simulate
+from fedge.server.app import client_config, run_server, simulate
 from fedge.server.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import STRATEGIES, build_strategy
 from fedge.tasks import build_task
@@ -157,3 +157,15 @@ def test_lora_clients_ship_only_their_adapters(run_dir):
     assert 0 < history[0]["update_bytes_mean"] < 0.25 * full_bytes
     final = torch.load(run_dir / "final_model.pt")
     assert set(final) == set(full)  # the server keeps the whole model, frozen base included
+
+
+def test_nodes_that_never_answer_count_as_failures(run_dir):
+    class LosingGrid(LocalGrid):
+        """Drops the reply of the first node, as a real grid does past its timeout."""
+
+        def send_and_receive(self, messages, *, timeout=None):
+            return list(super().send_and_receive(messages, timeout=timeout))[1:]
+
+    cfg = small_run(run_dir, rounds=1, eval_fraction=0)
+    (record,) = run_server(LosingGrid(client_app, cfg.num_clients), cfg)
+    assert record["num_clients"] == 3 and record["failures"] == 1

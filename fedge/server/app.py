@@ -45,7 +45,7 @@ class RoundObserver(Grid):
 
     def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.last: dict[str, list[Message]] = {}
+        self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
 
     def set_run(self, run_id: int) -> None:
         self.grid.set_run(run_id)
@@ -73,16 +73,12 @@ class RoundObserver(Grid):
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         if messages:
             kind = messages[0].metadata.message_type
-            # a node that never answered counts as a failure too
-            missing = len(messages) - len(replies)
-            self.last[kind] = replies + [None] * missing  # type: ignore[list-item]
+            self.last[kind] = (replies, len(messages) - len(replies))
         return replies
 
-    def take(self, kind: str) -> list[Message]:
-        return [m for m in self.last.pop(kind, []) if m is not None]
-
-    def missing(self, kind: str) -> int:
-        return sum(m is None for m in self.last.get(kind, []))
+    def take(self, kind: str) -> tuple[list[Message], int]:
+        """The last round's replies of `kind`, and how many nodes never answered."""
+        return self.last.pop(kind, ([], 0))
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> int:
@@ -229,9 +225,9 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             clock["t"] = time.perf_counter()
             sent["arrays"] = arrays
             return MetricRecord(metrics)
-        replies = observer.take(MessageType.TRAIN)
+        replies, unanswered = observer.take(MessageType.TRAIN)
         train = summarize_train(replies)
-        train["failures"] += observer.missing(MessageType.TRAIN)
+        train["failures"] += unanswered  # a node that never answered failed too
         record = {"round": server_round, **metrics, **train, **label_skew(replies)}
         record.update(client_drift(replies, sent["arrays"]))
         if shadow is not None:
@@ -240,7 +236,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             lr = cfg.lr * cfg.lr_decay ** (server_round - 1)
             record.update(weight_divergence(arrays, shadow.step(server_round, steps, lr)))
         sent["arrays"] = arrays
-        record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)))
+        record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)[0]))
         record["seconds"] = time.perf_counter() - clock["t"]
         save_checkpoint(out, server_round, model)
         history.append(record)
