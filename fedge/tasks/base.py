@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -146,6 +147,15 @@ class Task(ABC):
             for k, v in self.eval_sums(model, batch).items():
                 sums[k] = sums.get(k, 0.0) + float(v)
         return self.finalize(sums)
+
+
+def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Eval sums of a classifier: summed cross-entropy, correct predictions, examples."""
+    return {
+        "loss": F.cross_entropy(logits, labels, reduction="sum").item(),
+        "correct": (logits.argmax(-1) == labels).sum().item(),
+        "num_examples": len(labels),
+    }
 
 
 def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
-from fedge.tasks.base import Task
+from fedge.tasks.base import Task, classification_sums
 
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -196,9 +196,4 @@ class DigitsTask(Task):
 
     def eval_sums(self, model: nn.Module, batch: Any) -> dict[str, float]:
         x, y = batch
-        logits = model(x)
-        return {
-            "loss": F.cross_entropy(logits, y, reduction="sum").item(),
-            "correct": (logits.argmax(1) == y).sum().item(),
-            "num_examples": len(y),
-        }
+        return classification_sums(model(x), y)

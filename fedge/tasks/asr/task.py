@@ -41,7 +41,7 @@ from fedge.tasks.asr.model import (
     edit_distance,
     subsampled_length,
 )
-from fedge.tasks.base import Batch, Task
+from fedge.tasks.base import Batch, Task, classification_sums
 
 
 def features_of(waves: list[np.ndarray], batch: int = 128) -> list[torch.Tensor]:
@@ -285,12 +285,7 @@ class KeywordTask(SpeechTask):
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
         feats, labels = batch
-        logits = model(feats)
-        return {
-            "loss": float(F.cross_entropy(logits, labels, reduction="sum")),
-            "correct": float((logits.argmax(-1) == labels).sum()),
-            "num_examples": len(labels),
-        }
+        return classification_sums(model(feats), labels)
 
 
 def encode_text(text: str) -> torch.Tensor:
