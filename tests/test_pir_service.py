@@ -10,22 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
-from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, encode_request
-
-
-def _start(table_path, party):
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fedge.cli", "pir-server", "--table", str(table_path)]
-        + ["--party", str(party), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    line = proc.stdout.readline()
-    if not line.startswith(f"pir-server party {party} listening on 127.0.0.1:"):
-        proc.kill()
-        raise AssertionError(f"server did not start: {line!r} {proc.stderr.read()}")
-    return proc, line.split()[5]
+from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, ServerProcess, encode_request
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +23,13 @@ def servers(tmp_path_factory):
     np.save(root / "table.npy", table)
     np.save(root / "other.npy", other)
     procs = {}
-    try:
+    try:  # real `fedge pir-server` processes, started together
         for name, path, party in (("a", "table", 0), ("b", "table", 1), ("c", "other", 1)):
-            procs[name] = _start(root / f"{path}.npy", party)
-        yield table, {name: addr for name, (_, addr) in procs.items()}, procs
+            procs[name] = ServerProcess(root / f"{path}.npy", party)
+        yield table, {name: p.address() for name, p in procs.items()}, procs
     finally:
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-            proc.stdout.close()
-            proc.stderr.close()
+        for proc in procs.values():
+            proc.stop()
 
 
 def test_client_fetches_exact_rows(servers):
@@ -106,7 +87,7 @@ def test_down_server_is_named(servers):
 
 def test_sigterm_stops_cleanly(servers):
     _, _, procs = servers
-    proc = procs["c"][0]
+    proc = procs["c"].proc
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=10) == 0
 

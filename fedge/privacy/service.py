@@ -16,12 +16,16 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import selectors
 import signal
 import struct
+import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -216,6 +220,7 @@ class PrivateEmbeddingClient:
         self.addresses = list(addresses)
         self.timeout = timeout
         self.max_batch = max_batch
+        self.queries = self.bytes_sent = self.bytes_received = 0  # traffic, both servers
         self._channels = [grpc.insecure_channel(a, options=_OPTIONS) for a in self.addresses]
         try:
             self.spec, self.digest = self._connect()
@@ -264,13 +269,16 @@ class PrivateEmbeddingClient:
         pending = []
         for i, keys in enumerate((keys_a, keys_b)):
             stub = self._channels[i].unary_unary(f"/{SERVICE}/Answer")
-            pending.append(stub.future(encode_request(keys), timeout=self.timeout))
+            request = encode_request(keys)
+            self.bytes_sent += len(request)
+            pending.append(stub.future(request, timeout=self.timeout))
         out = []
         for i, fut in enumerate(pending):
             try:
                 data = fut.result()
             except grpc.RpcError as exc:
                 raise self._error(i, exc) from exc
+            self.bytes_received += len(data)
             head = _RESP.unpack_from(data) if len(data) >= _RESP.size else (b"", 0, 0, 0, b"")
             magic, _, count, words, digest = head
             size = _RESP.size + count * words * 8
@@ -293,6 +301,7 @@ class PrivateEmbeddingClient:
         parts = []
         for lo in range(0, idx.size, self.max_batch):
             keys_a, keys_b = query(idx[lo : lo + self.max_batch], self.spec.num_rows)
+            self.queries += len(keys_a)
             parts.append(reconstruct(*self._answers(keys_a, keys_b), self.spec))
         return np.concatenate(parts)
 
@@ -305,6 +314,59 @@ class PrivateEmbeddingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ServerProcess:
+    """One party as a real `fedge pir-server` process on a free port (its error output goes to
+    a temporary file, so a chatty server never blocks on a full pipe)."""
+
+    def __init__(self, table_path: str | Path, party: int, host: str = "127.0.0.1"):
+        self.party = party
+        cmd = [sys.executable, "-m", "fedge.cli", "pir-server", "--table", str(table_path)]
+        cmd += ["--party", str(party), "--host", host, "--port", "0"]
+        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True)
+
+    def address(self, timeout: float = 120.0) -> str:
+        """ "HOST:PORT" once the server listens; RuntimeError with its error output if not."""
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            line = self.proc.stdout.readline() if sel.select(timeout) else ""
+        prefix = f"pir-server party {self.party} listening on "
+        if line.startswith(prefix):
+            return line[len(prefix) :].split()[0]
+        self.stop()
+        self._err.seek(0)
+        why = self._err.read().decode(errors="replace").strip()
+        raise RuntimeError(
+            f"pir-server party {self.party} did not start: {line.strip()} "
+            f"{why or f'no answer within {timeout:g} s'}"
+        )
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM (kill if it lingers); the exit status."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        self.proc.stdout.close()
+        self._err.close()
+        return self.proc.returncode
+
+
+@contextmanager
+def server_processes(table_path: str | Path, host: str = "127.0.0.1") -> Iterator[list[str]]:
+    """Both parties as real `fedge pir-server` processes serving one .npy table (started
+    together, stopped on exit from the block); yields their addresses [party 0, party 1]."""
+    with ExitStack() as stack:
+        servers = []
+        for party in (0, 1):
+            servers.append(ServerProcess(table_path, party, host))
+            stack.callback(servers[-1].stop)
+        yield [server.address() for server in servers]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
