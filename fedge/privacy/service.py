@@ -328,7 +328,7 @@ class ServerProcess:
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True)
 
     def address(self, timeout: float = 120.0) -> str:
-        """ "HOST:PORT" once the server listens; RuntimeError with its error output if not."""
+        """The address HOST:PORT once the server listens; RuntimeError with its output if not."""
         with selectors.DefaultSelector() as sel:
             sel.register(self.proc.stdout, selectors.EVENT_READ)
             line = self.proc.stdout.readline() if sel.select(timeout) else ""
