@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 
 from fedge.privacy import pir
-from fedge.privacy.dpf import DPFKey, expand
+from fedge.privacy.dpf import (
+    DPFKey,
+    KeyBatch,
+    Workspace,
+    expand,
+    expand_below,
+    gen_batch,
+    node_seeds,
+    tree_depth,
+)
 
 
 def _table(rng, rows, row_shape, dtype):
@@ -56,6 +65,36 @@ def test_batches_across_threads(batch, parallel, monkeypatch):
     indices = rng.integers(0, table.shape[0], batch)
     indices[0] = table.shape[0] - 1
     assert _same(_fetch(table, indices), table[indices])
+
+
+@pytest.mark.parametrize("chunk_bits", [1, 1 << 10])
+def test_expansion_chunked_into_the_pass(chunk_bits, monkeypatch):
+    """Chunks of one leaf (128 rows) or more, many per thread, the last one partial, and the
+    chunks past the last row never expanded: still the exact rows."""
+    monkeypatch.setattr(pir, "CHUNK_BITS", chunk_bits)
+    monkeypatch.setattr(pir, "PARALLEL_MIN_WORDS", 0)
+    rng = np.random.default_rng(chunk_bits)
+    table = _table(rng, 5000, (3,), np.float32)
+    indices = np.array([0, 4999, 127, 128, 4095, 4096, *rng.integers(0, 5000, 20)])
+    assert _same(_fetch(table, indices), table[indices])
+
+
+@pytest.mark.parametrize("domain_bits", [7, 8, 13])
+def test_subtrees_below_any_level_make_up_the_full_expansion(domain_bits):
+    keys, _ = gen_batch(np.array([0, 5, (1 << domain_bits) - 1]), domain_bits)
+    batch = KeyBatch.of(keys)
+    whole = expand(batch)
+    for level in range(tree_depth(domain_bits) + 1):
+        seeds, t = node_seeds(batch, level)
+        assert np.array_equal(expand_below(batch, seeds, t, level), whole)
+        work = Workspace()  # one subtree at a time, buffers reused
+        parts = [
+            expand_below(batch, seeds[:, j : j + 1], t[:, j : j + 1], level, work).copy()
+            for j in range(1 << level)
+        ]
+        assert np.array_equal(np.concatenate(parts, axis=1), whole)
+    with pytest.raises(ValueError, match="level must be"):
+        node_seeds(batch, tree_depth(domain_bits) + 1)
 
 
 def _torch_devices():

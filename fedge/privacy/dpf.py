@@ -218,12 +218,13 @@ def _finish_leaves(out, inp, t, cw_out):
 
 def serial_and_parallel(fn: Callable) -> dict[bool, Callable]:
     """Two compiled builds of a kernel, keyed by `parallel`: threads pay off only on big inputs,
-    and on a shared machine a parallel region waits for its slowest thread. The parallel build
+    and on a shared machine a parallel region waits for its slowest thread. The serial build
+    releases the GIL, so Python threads can run it side by side. The parallel build
     compiles a renamed copy, so the two builds get separate on-disk cache entries."""
     twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_parallel")
     twin.__qualname__ = fn.__qualname__ + "_parallel"
     return {
-        False: numba.njit(cache=True)(fn),
+        False: numba.njit(cache=True, nogil=True)(fn),
         True: numba.njit(parallel=True, cache=True)(twin),
     }
 
@@ -347,8 +348,8 @@ EXPAND_BUFFER_BYTES = 256 << 20  # work space per group of keys expanded togethe
 def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     """Full-domain evaluation of a batch of keys: (len(keys), words) uint64, bit x of key i is
     bit (x & 63) of word x >> 6 of row i. All keys go through one AES call per tree level (for
-    huge domains, per group of keys that fits EXPAND_BUFFER_BYTES), and the levels ping-pong
-    between buffers allocated once (fresh pages cost more than AES)."""
+    huge domains, per group of keys that fits EXPAND_BUFFER_BYTES). A PIR server does not call
+    this on big tables: it expands subtree by subtree along its pass (`expand_below`)."""
     batch = keys if isinstance(keys, KeyBatch) else KeyBatch.of(keys)
     per_key = 32 << tree_depth(batch.domain_bits)  # bytes of the widest level of one key
     group = max(1, EXPAND_BUFFER_BYTES // per_key)
@@ -359,36 +360,86 @@ def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     return _expand(batch)
 
 
-def _expand(batch: KeyBatch, parallel: bool | None = None) -> np.ndarray:
-    domain_bits, k = batch.domain_bits, len(batch)
-    depth = tree_depth(domain_bits)
-    size = k * (2 << depth) * 2  # words of the widest level: the leaves' value inputs
-    bufs = [np.empty(size, np.uint64) for _ in range(2)]
-    aes_out = np.empty(size + 2, np.uint64)
-    t = batch.party.reshape(k, 1)
-    tweaks = BRANCH if depth else T_VALUE[None]
-    inp = bufs[0][: k * tweaks.size].reshape(k, 1, -1, 2)
-    np.bitwise_xor(batch.seed[:, None, None, :], tweaks, out=inp)
-    enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
-    for level in range(depth):
+class Workspace:
+    """Expansion buffers (two ping-pong level buffers and the AES output), grown on demand
+    and reused: fresh pages cost more than the AES itself. One per thread."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self.enc = Cipher(algorithms.AES(_AES_KEY), modes.ECB()).encryptor()
+
+    def buffers(self, words: int) -> tuple[list[np.ndarray], np.ndarray]:
+        if words > self.size:
+            self.size = words
+            self.bufs = [np.empty(words, np.uint64) for _ in range(2)]
+            self.aes_out = np.empty(words + 2, np.uint64)  # update_into wants 15 spare bytes
+        return self.bufs, self.aes_out
+
+
+def _descend(batch, seeds, t, level, stop, work, parallel):
+    """Walk nodes (keys, m) at `level` down to level `stop` <= depth, one AES call per level
+    for all keys and nodes. Returns the AES inputs of the nodes at `stop`, (keys, nodes,
+    tweaks, 2) (tweaked for children, or for leaf values at the depth), and their control
+    bits (keys, nodes)."""
+    depth = tree_depth(batch.domain_bits)
+    k, m = t.shape
+    per_node = 2 if stop == depth else 4  # words of AES input per node at `stop`
+    bufs, aes_out = work.buffers(k * m * (per_node << (stop - level)))  # the widest level
+    tweaks = BRANCH if level < depth else T_VALUE[None]
+    inp = bufs[0][: k * m * tweaks.size].reshape(k, m, -1, 2)
+    np.bitwise_xor(seeds[:, :, None, :], tweaks, out=inp)
+    for lvl in range(level, stop):
         out = aes_out[: inp.size].reshape(inp.shape)
-        enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
-        tweaks = T_VALUE[None] if level == depth - 1 else BRANCH
-        nodes = 2 << level
-        nxt = bufs[(level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
+        work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+        tweaks = T_VALUE[None] if lvl == depth - 1 else BRANCH
+        nodes = 2 * t.shape[1]
+        nxt = bufs[(lvl - level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
         nxt_t = np.empty((k, nodes), np.uint64)
         kernel = _LEVEL[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel]
-        kernel(out, inp, t, batch.cw_seed[level], batch.cw_bits[level], nxt, nxt_t, tweaks)
+        kernel(out, inp, t, batch.cw_seed[lvl], batch.cw_bits[lvl], nxt, nxt_t, tweaks)
         inp, t = nxt, nxt_t
-    enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+    return inp, t
+
+
+def node_seeds(batch: KeyBatch, level: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeds (keys, 2^level, 2) and control bits (keys, 2^level) of every node at `level`
+    (0..depth): the roots of subtrees that `expand_below` evaluates one at a time."""
+    if not 0 <= level <= tree_depth(batch.domain_bits):
+        raise ValueError(f"level must be in 0..{tree_depth(batch.domain_bits)}, got {level}")
+    seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
+    inp, t = _descend(batch, seeds, t, 0, level, Workspace(), None)
+    first = BRANCH[0] if level < tree_depth(batch.domain_bits) else T_VALUE
+    return inp[:, :, 0, :] ^ first, t  # remove the tweak the AES input carries
+
+
+def expand_below(
+    batch: KeyBatch,
+    seeds: np.ndarray,
+    t: np.ndarray,
+    level: int,
+    work: Workspace | None = None,
+    parallel: bool | None = None,
+) -> np.ndarray:
+    """Full evaluation of the subtrees under nodes (keys, m) at `level` (from `node_seeds`):
+    (keys, m * 2^(depth - level) * 2) uint64 words, i.e. the bits of those nodes' rows, laid
+    out as in `expand`. `work` reuses buffers across calls (one Workspace per thread)."""
+    work = work or Workspace()
+    inp, t = _descend(batch, seeds, t, level, tree_depth(batch.domain_bits), work, parallel)
+    _, aes_out = work.buffers(0)
+    work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
     out = aes_out[: inp.size].reshape(inp.shape)
     _LEAVES[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel](
         out, inp, t, batch.cw_out
     )
-    words = out.reshape(k, -1)
-    if domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
-        words = words[:, :1] & np.uint64((1 << (1 << domain_bits)) - 1)
-    elif domain_bits == 6:
+    return out.reshape(t.shape[0], -1)
+
+
+def _expand(batch: KeyBatch, parallel: bool | None = None) -> np.ndarray:
+    seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
+    words = expand_below(batch, seeds, t, 0, parallel=parallel)
+    if batch.domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
+        words = words[:, :1] & np.uint64((1 << (1 << batch.domain_bits)) - 1)
+    elif batch.domain_bits == 6:
         words = words[:, :1]
     return words
 

@@ -5,9 +5,12 @@ key over the whole table and returns the XOR of the rows its share selects; the 
 to row i. Neither server alone learns anything about i.
 
 A server answers a whole batch in one pass over the table: with the batch's expansions as a bit
-matrix E (queries x rows), the answer is the GF(2) product E @ T. The compiled kernel walks the
-table once, each thread its own chunk of rows, and for every row updates all queries
-(queries innermost), branchless. Three forms of that loop, picked by batch size:
+matrix E (queries x rows), the answer is the GF(2) product E @ T. The expansion is chunked into
+the pass: the table is cut into chunks of rows that are subtrees of the DPF tree, and a thread
+expands every key's subtree for its chunk (a few hundred KiB of bits that stay in cache,
+instead of queries x rows / 8 bytes written to memory and read back) and at once runs the
+compiled kernel over the chunk's rows, for every row updating all queries (queries innermost),
+branchless. Threads take chunks as they free up. Three forms of the kernel, by batch size:
 
 - stream (1 query): acc ^= row & -bit(row) with acc in registers, at memory speed;
 - mask (2-7): acc[q] ^= row & -bit(q, row), one AND-XOR per query per row word;
@@ -18,15 +21,27 @@ table once, each thread its own chunk of rows, and for every row updates all que
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numba
 import numpy as np
 
-from fedge.privacy.dpf import DPFKey, KeyBatch, expand, gen_batch, serial_and_parallel
+from fedge.privacy.dpf import (
+    LEAF_BITS,
+    DPFKey,
+    KeyBatch,
+    Workspace,
+    expand,
+    expand_below,
+    gen_batch,
+    node_seeds,
+)
 from fedge.privacy.dpf import warm_up as dpf_warm_up
 
 GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
@@ -190,42 +205,56 @@ def _answer_gray(table, bits, acc, lo, hi):
     _answer_mask_jit(table, bits, acc, full, hi)
 
 
-_answer_mask_jit = numba.njit(cache=True)(_answer_mask)
-_answer_gray_jit = numba.njit(cache=True)(_answer_gray)
-_answer_stream_jit = numba.njit(cache=True)(_answer_stream)
-KERNELS = {"stream": 0, "mask": 1, "gray": 2}
-
-
-def _answer_batch(table, bits, acc, kernel):
-    """One pass: thread p XORs its chunk of rows into its own accumulator acc[p]."""
-    parts, rows = acc.shape[0], table.shape[0]
-    chunk = -(-rows // (parts * 64)) * 64  # chunks start on a bit-word boundary
-    for p in numba.prange(parts):
-        lo, hi = min(p * chunk, rows), min((p + 1) * chunk, rows)
-        if kernel == 2:
-            _answer_gray_jit(table, bits, acc[p], lo, hi)
-        elif kernel == 1:
-            _answer_mask_jit(table, bits, acc[p], lo, hi)
-        else:
-            _answer_stream_jit(table, bits, acc[p], lo, hi)
-
-
-_ANSWER = serial_and_parallel(_answer_batch)  # a small pass costs less than waking threads
+_answer_mask_jit = numba.njit(cache=True, nogil=True)(_answer_mask)
+_answer_gray_jit = numba.njit(cache=True, nogil=True)(_answer_gray)
+_answer_stream_jit = numba.njit(cache=True, nogil=True)(_answer_stream)
+KERNELS = {"stream": _answer_stream_jit, "mask": _answer_mask_jit, "gray": _answer_gray_jit}
 PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
+CHUNK_BITS = 1 << 22  # expanded bits (queries x rows) per chunk: 512 KiB, cache-resident
+CHUNKS_PER_THREAD = 4  # at least, so a thread slowed by other jobs does not hold up the pass
 
 
-def answer_words(table: np.ndarray, bits: np.ndarray, kernel: str = "auto") -> np.ndarray:
-    """E @ T over GF(2): table (rows, words) uint64, bits (queries, >= rows/64) uint64."""
+@functools.cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="pir-pass")
+
+
+def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
+    """E @ T over GF(2): table (rows, words) uint64, the keys' answers (queries, words).
+
+    One pass, the expansion chunked into it: chunk j is the rows under node j of the DPF tree
+    at some level; its bits come from `expand_below` for all keys at once (one AES call per
+    level), right before the kernel XORs its rows in. Chunks past the last row (the padding
+    to a power of two) are never expanded."""
+    queries, rows = len(batch), table.shape[0]
     if kernel == "auto":
-        q = bits.shape[0]
-        kernel = "stream" if q == 1 else "gray" if q >= GRAY_MIN_QUERIES else "mask"
+        kernel = "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
-    parallel = table.shape[0] >= 1 << 12 and table.size * bits.shape[0] >= PARALLEL_MIN_WORDS
-    parts = numba.get_num_threads() if parallel else 1
-    acc = np.zeros((parts, bits.shape[0], table.shape[1]), np.uint64)
-    _ANSWER[parallel](table, bits, acc, KERNELS[kernel])
-    return np.bitwise_xor.reduce(acc, axis=0)
+    parallel = rows >= 1 << 12 and table.size * queries >= PARALLEL_MIN_WORDS
+    threads = numba.get_num_threads() if parallel else 1
+    log_chunk = (CHUNK_BITS // queries).bit_length() - 1
+    if threads > 1:
+        log_chunk = min(log_chunk, int(math.log2(rows / (threads * CHUNKS_PER_THREAD))))
+    n = batch.domain_bits
+    log_chunk = min(n, max(log_chunk, LEAF_BITS))  # a chunk is one or more whole leaves
+    level, chunk = n - log_chunk, 1 << log_chunk
+    seeds, t = node_seeds(batch, level)
+    seeds, t = seeds.transpose(1, 0, 2).copy(), t.T.copy()  # by node: one chunk contiguous
+    count, ids, fn = -(-rows // chunk), itertools.count(), KERNELS[kernel]
+
+    def work() -> np.ndarray:
+        acc, space = np.zeros((queries, table.shape[1]), np.uint64), Workspace()
+        while (j := next(ids)) < count:  # itertools.count hands out each chunk once
+            bits = expand_below(batch, seeds[j][:, None], t[j][:, None], level, space, False)
+            part = table[j * chunk : (j + 1) * chunk]
+            fn(part, bits, acc, 0, part.shape[0])
+        return acc
+
+    if threads == 1:
+        return work()
+    jobs = [_pool(threads).submit(work) for _ in range(threads)]
+    return np.bitwise_xor.reduce([job.result() for job in jobs])
 
 
 def default_device() -> str:
@@ -241,14 +270,17 @@ def default_device() -> str:
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) every kernel build, serial and parallel, so that a
+    """Compile (or load from numba's cache) the expansion and every kernel, so that a
     server's first query does not pay for it."""
     dpf_warm_up()
-    table = np.zeros((128, 1), np.uint64)
-    for parallel in (False, True):
-        for kernel in KERNELS.values():
-            acc = np.zeros((1, 1, 1), np.uint64)
-            _ANSWER[parallel](table, np.zeros((1, 2), np.uint64), acc, kernel)
+    for fn in KERNELS.values():
+        fn(
+            np.zeros((128, 1), np.uint64),
+            np.zeros((1, 2), np.uint64),
+            np.zeros((1, 1), np.uint64),
+            0,
+            128,
+        )
 
 
 def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
@@ -295,10 +327,9 @@ class PIRServer:
     def answer(self, keys: KeyBatch | Sequence[DPFKey | bytes], kernel: str = "auto") -> np.ndarray:
         """Answers (queries, words) uint64 for a batch of keys (see `as_batch`)."""
         batch = self.check(keys)
-        bits = expand(batch)
         if self._torch is not None:
-            return self._torch(bits)
-        return answer_words(self.words, bits, kernel)
+            return self._torch(expand(batch))
+        return answer_batch(self.words, batch, kernel)
 
 
 class TorchAnswerer:
