@@ -4,9 +4,12 @@ memory-bandwidth bound, side by side in one run.
 For each table (rows x 64 B, random bytes) and batch size, one server's end-to-end time per
 batch: serialized keys in, answers out (key decoding, DPF expansion, inner product).
 
-- fedge: `PIRServer.answer` (batched expansion, one-pass numba kernel: "stream" for one
-  query, "mask" for 2-7, "gray" for 8 or more) and, for reference, the plain mask-and-XOR
-  kernel on the same batch (timed once where batch x rows > 2^24);
+- fedge: `PIRServer.answer`: one pass over the table in chunks (subtrees of the DPF tree),
+  each chunk's bits expanded for the whole batch right before the numba kernel XORs its rows
+  in ("stream" for one query, "mask" for 2-7, "gray" for 8 or more), chunks shared by the
+  threads; for reference, the plain mask-and-XOR kernel on the same batch (timed once where
+  batch x rows > 2^24), and the CPU time of the expansion alone (same chunks, one thread),
+  to tell whether expansion or the kernel dominates;
 - naive: per query, a full-domain evaluation of its key alone, then numpy's gather-and-XOR
   of the selected rows (on large tables timed on the first few queries of the batch);
 - bound: one numpy pass over the table (XOR-reduce of all its words, one thread): the time any batch
@@ -28,8 +31,8 @@ from pathlib import Path
 import numba
 import numpy as np
 
-from fedge.privacy.dpf import DPFKey, eval_all
-from fedge.privacy.pir import PIRServer, query
+from fedge.privacy.dpf import DPFKey, Workspace, eval_all, expand_below, node_seeds
+from fedge.privacy.pir import PIRServer, plan_pass, query
 
 ROW_BYTES = 64
 
@@ -50,6 +53,21 @@ def naive_answer(table: np.ndarray, key: bytes) -> np.ndarray:
     """The per-query peer: this key's expansion as a bit mask, then gather-and-XOR."""
     mask = eval_all(DPFKey.from_bytes(key))[: table.shape[0]].astype(bool)
     return np.bitwise_xor.reduce(table[mask], axis=0)
+
+
+def expansion_cpu(server: PIRServer, keys: list[bytes], repeats: int) -> float:
+    """CPU seconds of the batch's expansion alone, cut into the server's chunks, one thread."""
+    batch = server.check(keys)
+    plan = plan_pass(*server.words.shape, len(batch), batch.domain_bits)
+
+    def run() -> None:
+        seeds, t = node_seeds(batch, plan.level)
+        work = Workspace()
+        for j in range(plan.count):
+            node_t = np.ascontiguousarray(t[:, j : j + 1])
+            expand_below(batch, seeds[:, j : j + 1], node_t, plan.level, work, False)
+
+    return min(timed(run)[1] for _ in range(repeats))
 
 
 def peak_mib(fn) -> float:
@@ -78,6 +96,7 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
         mask_repeats = repeats if rows * batch <= 1 << 24 else 1  # slow on big batches
         mask_s = best(lambda keys=keys: server.answer(keys, kernel="mask"), mask_repeats)
         mem = peak_mib(lambda keys=keys: server.answer(keys))
+        expand_s = expansion_cpu(server, keys, min(repeats, 3))
         sample = keys[: min(batch, naive_max)]
         naive_s = best(lambda sample=sample: [naive_answer(table, k) for k in sample], 1)
         naive_s *= batch / len(sample)
@@ -88,6 +107,8 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
             "fedge_qps": batch / fedge_s,
             "fedge_latency_ms": fedge_s * 1e3,
             "fedge_q_per_cpu_s": batch / cpu_s,
+            "fedge_cpu_ms": cpu_s * 1e3,
+            "expansion_cpu_ms": expand_s * 1e3,
             "mask_kernel_qps": batch / mask_s,
             "naive_qps": batch / naive_s,
             "naive_timed_queries": len(sample),
@@ -101,7 +122,8 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
         results.append(row)
         print(
             f"rows 2^{rows.bit_length() - 1} batch {batch:3d}: {row['fedge_qps']:8.1f} q/s "
-            f"({row['fedge_latency_ms']:.1f} ms/batch), mask {row['mask_kernel_qps']:.1f}, "
+            f"({row['fedge_latency_ms']:.1f} ms/batch, CPU {row['fedge_cpu_ms']:.1f} ms of which "
+            f"expansion {row['expansion_cpu_ms']:.1f}), mask {row['mask_kernel_qps']:.1f}, "
             f"naive {row['naive_qps']:.2f}, pass {row['bound_pass_ms']:.1f} ms",
             flush=True,
         )
@@ -110,9 +132,10 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| rows x 64 B | table | batch | fedge q/s | latency/batch | q per CPU-s | mask-kernel q/s "
+        "| rows x 64 B | table | batch | fedge q/s | latency/batch | q per CPU-s "
+        "| CPU/batch (expansion) | mask-kernel q/s "
         "| naive q/s | speedup vs naive | one-pass bound | fedge / bound | peak extra |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         size = (
@@ -123,6 +146,7 @@ def markdown(results: list[dict]) -> str:
         lines.append(
             f"| 2^{r['rows'].bit_length() - 1} | {size} | {r['batch']} | {r['fedge_qps']:,.1f} "
             f"| {r['fedge_latency_ms']:,.1f} ms | {r['fedge_q_per_cpu_s']:,.1f} "
+            f"| {r['fedge_cpu_ms']:,.1f} ms ({r['expansion_cpu_ms']:,.1f} ms) "
             f"| {r['mask_kernel_qps']:,.1f} "
             f"| {r['naive_qps']:,.2f} | {r['speedup_vs_naive']:,.0f}x "
             f"| {r['bound_pass_ms']:.1f} ms ({r['bound_gbps']:.1f} GB/s) "
@@ -142,17 +166,21 @@ def main() -> None:
     args = parser.parse_args()
     sizes = [int(x) for x in args.log_rows.split(",")] + ([24] if args.gib else [])
     batches = [int(x) for x in args.batches.split(",")]
+    load = os.getloadavg()
     print(
-        f"numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, "
-        f"load average {os.getloadavg()[0]:.1f} (other processes share these cores)"
+        f"numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes share these cores)"
     )
     results = []
     for log_rows in sizes:
         results += bench_table(1 << log_rows, batches, args.repeats, args.naive_max)
     print(markdown(results))
+    end = os.getloadavg()
+    print(f"load average at the end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        out = {"load_start": load, "load_end": end, "results": results}
+        Path(args.json).write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -219,41 +219,56 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="pir-pass")
 
 
-def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
-    """E @ T over GF(2): table (rows, words) uint64, the keys' answers (queries, words).
+@dataclass(frozen=True)
+class PassPlan:
+    """How one pass is cut: `count` chunks of `chunk` rows, chunk j being the rows under node
+    j at `level` of the DPF tree, shared by `threads` threads."""
 
-    One pass, the expansion chunked into it: chunk j is the rows under node j of the DPF tree
-    at some level; its bits come from `expand_below` for all keys at once (one AES call per
-    level), right before the kernel XORs its rows in. Chunks past the last row (the padding
-    to a power of two) are never expanded."""
-    queries, rows = len(batch), table.shape[0]
-    if kernel == "auto":
-        kernel = "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
-    parallel = rows >= 1 << 12 and table.size * queries >= PARALLEL_MIN_WORDS
+    level: int
+    chunk: int
+    count: int
+    threads: int
+
+
+def plan_pass(rows: int, words: int, queries: int, domain_bits: int) -> PassPlan:
+    """Chunks of about CHUNK_BITS expanded bits (at least one leaf, 128 rows), and at least
+    CHUNKS_PER_THREAD per thread when the pass is big enough for threads."""
+    parallel = rows >= 1 << 12 and rows * words * queries >= PARALLEL_MIN_WORDS
     threads = numba.get_num_threads() if parallel else 1
     log_chunk = (CHUNK_BITS // queries).bit_length() - 1
     if threads > 1:
         log_chunk = min(log_chunk, int(math.log2(rows / (threads * CHUNKS_PER_THREAD))))
-    n = batch.domain_bits
-    log_chunk = min(n, max(log_chunk, LEAF_BITS))  # a chunk is one or more whole leaves
-    level, chunk = n - log_chunk, 1 << log_chunk
-    seeds, t = node_seeds(batch, level)
+    log_chunk = min(domain_bits, max(log_chunk, LEAF_BITS))
+    return PassPlan(domain_bits - log_chunk, 1 << log_chunk, -(-rows // (1 << log_chunk)), threads)
+
+
+def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
+    """E @ T over GF(2): table (rows, words) uint64, the keys' answers (queries, words).
+
+    One pass, the expansion chunked into it (see `plan_pass`): a chunk's bits come from
+    `expand_below` for all keys at once (one AES call per level), right before the kernel XORs
+    its rows in. Chunks past the last row (the padding to a power of two) are never expanded."""
+    queries = len(batch)
+    if kernel == "auto":
+        kernel = "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
+    plan = plan_pass(*table.shape, queries, batch.domain_bits)
+    seeds, t = node_seeds(batch, plan.level)
     seeds, t = seeds.transpose(1, 0, 2).copy(), t.T.copy()  # by node: one chunk contiguous
-    count, ids, fn = -(-rows // chunk), itertools.count(), KERNELS[kernel]
+    ids, fn, chunk = itertools.count(), KERNELS[kernel], plan.chunk
 
     def work() -> np.ndarray:
         acc, space = np.zeros((queries, table.shape[1]), np.uint64), Workspace()
-        while (j := next(ids)) < count:  # itertools.count hands out each chunk once
-            bits = expand_below(batch, seeds[j][:, None], t[j][:, None], level, space, False)
+        while (j := next(ids)) < plan.count:  # itertools.count hands out each chunk once
+            bits = expand_below(batch, seeds[j][:, None], t[j][:, None], plan.level, space, False)
             part = table[j * chunk : (j + 1) * chunk]
             fn(part, bits, acc, 0, part.shape[0])
         return acc
 
-    if threads == 1:
+    if plan.threads == 1:
         return work()
-    jobs = [_pool(threads).submit(work) for _ in range(threads)]
+    jobs = [_pool(plan.threads).submit(work) for _ in range(plan.threads)]
     return np.bitwise_xor.reduce([job.result() for job in jobs])
 
 
