@@ -31,6 +31,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba.core import types
+from numba.extending import intrinsic
 
 from fedge.privacy.dpf import (
     LEAF_BITS,
@@ -45,7 +48,6 @@ from fedge.privacy.dpf import (
 from fedge.privacy.dpf import warm_up as dpf_warm_up
 
 GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
-GROUP = 4  # rows per lookup table in the gray kernel
 _LOWEST_BIT = np.array([0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], np.int64)
 
 
@@ -121,7 +123,7 @@ def as_words(table: np.ndarray) -> np.ndarray:
 def _answer_mask(table, bits, acc, lo, hi):
     """acc[q] ^= table[r] & -bit(q, r) for rows lo..hi: queries innermost, no branch on bits.
     Row words go through registers 8 at a time (a 64-byte slab), which LLVM vectorises."""
-    queries, width = acc.shape
+    queries, width = acc.shape[0], table.shape[1]
     cur = np.empty(queries, np.uint64)
     for base in range(lo, hi, 64):
         for q in range(queries):  # this block's 64 bits of every query, gathered once
@@ -151,7 +153,7 @@ def _answer_stream(table, bits, acc, lo, hi):
     """Queries one at a time: stream the rows with the accumulator in 8 registers (one 64-byte
     slab per pass), so a single query runs near memory speed (the mask loop keeps acc in
     memory). The `n > k` tests are loop-invariant: LLVM hoists them out of the row loop."""
-    queries, width = acc.shape
+    queries, width = acc.shape[0], table.shape[1]
     zero, one = np.uint64(0), np.uint64(1)
     for q in range(queries):
         for s in range(0, width, 8):
@@ -181,27 +183,81 @@ def _answer_stream(table, bits, acc, lo, hi):
                     acc[q, s + k] ^= a
 
 
+_SLAB = ir.VectorType(ir.IntType(64), 8)  # 64 bytes: one zmm, or two ymm registers
+
+
+def _slab(context, builder, array_type, array, offset):
+    """Pointer to the 8 words at flat `offset` of a C-contiguous array."""
+    data = context.make_array(array_type)(context, builder, array).data
+    return builder.bitcast(builder.gep(data, [offset]), _SLAB.as_pointer())
+
+
+def _check_c_arrays(*arrays: types.Type) -> None:
+    for a in arrays:
+        if not (isinstance(a, types.Array) and a.dtype == types.uint64 and a.layout == "C"):
+            raise numba.core.errors.TypingError(f"needs C-contiguous uint64 arrays, got {a}")
+
+
+@intrinsic
+def _xor_slab(typingctx, dst, d, a, i, b, j):
+    """dst.flat[d : d+8] = a.flat[i : i+8] ^ b.flat[j : j+8], as one 512-bit vector XOR
+    (numba leaves such 8-word loops scalar: it cannot prove the arrays do not overlap)."""
+    _check_c_arrays(dst, a, b)
+
+    def codegen(context, builder, sig, args):
+        x = builder.load(_slab(context, builder, sig.args[2], args[2], args[3]), align=8)
+        y = builder.load(_slab(context, builder, sig.args[4], args[4], args[5]), align=8)
+        builder.store(
+            builder.xor(x, y), _slab(context, builder, sig.args[0], args[0], args[1]), align=8
+        )
+        return context.get_dummy_value()
+
+    return types.void(dst, d, a, i, b, j), codegen
+
+
+@intrinsic
+def _lookup_slabs(typingctx, acc, d, combos, word):
+    """acc.flat[d : d+8] ^= the XOR over g < 16 of combos.flat[(16 g + c_g) * 8 :][:8],
+    c_g = bits 4g..4g+3 of `word`: one 64-row block of one query, accumulated in a vector
+    register, with acc loaded and stored once."""
+    _check_c_arrays(acc, combos)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        dst = _slab(context, builder, sig.args[0], args[0], args[1])
+        v = builder.load(dst, align=8)
+        for g in range(16):
+            c = builder.and_(builder.lshr(args[3], i64(4 * g)), i64(15))
+            offset = builder.shl(builder.add(c, i64(16 * g)), i64(3))
+            slab = _slab(context, builder, sig.args[2], args[2], offset)
+            v = builder.xor(v, builder.load(slab, align=8))
+        builder.store(v, dst, align=8)
+        return context.get_dummy_value()
+
+    return types.void(acc, d, combos, types.uint64), codegen
+
+
 def _answer_gray(table, bits, acc, lo, hi):
-    """Four-Russians form for rows lo..hi (lo a multiple of 64): per 4 rows, the 16 XOR
-    combinations, then one table lookup and XOR per query."""
-    queries, width = acc.shape
-    cur = np.empty(queries, np.uint64)
-    combos = np.zeros((1 << GROUP, width), np.uint64)
-    full = lo + (hi - lo) // 64 * 64
+    """Four-Russians form for rows lo..hi (lo a multiple of 64), in 64-byte slabs of the row.
+    Per 64-row block and slab: the 16 XOR combinations of each of its 16 groups of 4 rows (15
+    slab XORs a group, each combination from a smaller one), then per query one lookup per
+    group, 16 in a register. acc has a multiple of 8 columns: the lanes of a row's last slab
+    past its width read the next rows and land in acc's padding, so the last rows of the table
+    (whose overrun would leave the array) go through the mask loop."""
+    queries, width, padded = acc.shape[0], table.shape[1], acc.shape[1]
+    combos = np.zeros(16 * 16 * 8, np.uint64)
+    safe = hi - -(-(padded - width) // width)  # rows whose last slab stays inside the table
+    full = lo + max(safe - lo, 0) // 64 * 64
     for base in range(lo, full, 64):
-        for q in range(queries):
-            cur[q] = bits[q, base >> 6]
-        for g in range(0, 64, GROUP):
-            for c in range(1, 1 << GROUP):
-                row = table[base + g + _LOWEST_BIT[c]]  # combos[c] = combos[c minus a bit] ^ row
-                prev, dst = combos[c & (c - 1)], combos[c]
-                for w in range(width):
-                    dst[w] = prev[w] ^ row[w]
-            shift = np.uint64(g)
+        word = base >> 6
+        for s in range(0, padded, 8):
+            for g in range(16):
+                block = g * 128
+                for c in range(1, 16):
+                    row = (base + 4 * g + _LOWEST_BIT[c]) * width + s
+                    _xor_slab(combos, block + c * 8, combos, block + (c & (c - 1)) * 8, table, row)
             for q in range(queries):
-                sel, a = combos[(cur[q] >> shift) & np.uint64(15)], acc[q]
-                for w in range(width):
-                    a[w] ^= sel[w]
+                _lookup_slabs(acc, q * padded + s, combos, bits[q, word])
     _answer_mask_jit(table, bits, acc, full, hi)
 
 
@@ -258,8 +314,11 @@ def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np
     seeds, t = seeds.transpose(1, 0, 2).copy(), t.T.copy()  # by node: one chunk contiguous
     ids, fn, chunk = itertools.count(), KERNELS[kernel], plan.chunk
 
+    width = table.shape[1]
+    padded = -(-width // 8) * 8 if kernel == "gray" else width  # whole 64-byte slabs
+
     def work() -> np.ndarray:
-        acc, space = np.zeros((queries, table.shape[1]), np.uint64), Workspace()
+        acc, space = np.zeros((queries, padded), np.uint64), Workspace()
         while (j := next(ids)) < plan.count:  # itertools.count hands out each chunk once
             bits = expand_below(batch, seeds[j][:, None], t[j][:, None], plan.level, space, False)
             part = table[j * chunk : (j + 1) * chunk]
@@ -267,9 +326,9 @@ def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np
         return acc
 
     if plan.threads == 1:
-        return work()
+        return work()[:, :width]
     jobs = [_pool(plan.threads).submit(work) for _ in range(plan.threads)]
-    return np.bitwise_xor.reduce([job.result() for job in jobs])
+    return np.bitwise_xor.reduce([job.result() for job in jobs])[:, :width]
 
 
 def default_device() -> str:
@@ -288,14 +347,9 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the expansion and every kernel, so that a
     server's first query does not pay for it."""
     dpf_warm_up()
+    table, bits, acc = np.zeros((129, 1), np.uint64), np.zeros((1, 3), np.uint64), np.zeros((1, 8))
     for fn in KERNELS.values():
-        fn(
-            np.zeros((128, 1), np.uint64),
-            np.zeros((1, 2), np.uint64),
-            np.zeros((1, 1), np.uint64),
-            0,
-            128,
-        )
+        fn(table, bits, acc.astype(np.uint64), 0, 129)
 
 
 def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
