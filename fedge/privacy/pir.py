@@ -10,13 +10,16 @@ the pass: the table is cut into chunks of rows that are subtrees of the DPF tree
 expands every key's subtree for its chunk (a few hundred KiB of bits that stay in cache,
 instead of queries x rows / 8 bytes written to memory and read back) and at once runs the
 compiled kernel over the chunk's rows, for every row updating all queries (queries innermost),
-branchless. Threads take chunks as they free up. Three forms of the kernel, by batch size:
+branchless. Threads take chunks as they free up. Three forms of the kernel:
 
 - stream (1 query): acc ^= row & -bit(row) with acc in registers, at memory speed;
-- mask (2-7): acc[q] ^= row & -bit(q, row), one AND-XOR per query per row word;
-- gray (8+, four Russians): all 16 XOR combinations of 4 rows are built once (15 row XORs, each
-  combination from a smaller one), then each query adds the one its 4 bits select:
-  (16 + Q) / 4 instead of Q row XORs per row, 3.6x fewer at Q = 128.
+- gray (2+ queries, four Russians): all 16 XOR combinations of 4 rows are built once (15 row
+  XORs, each combination from a smaller one), then each query adds the one its 4 bits select:
+  (16 + Q) / 4 instead of Q row XORs per row, 3.6x fewer at Q = 128. Rows go in 64-byte slabs,
+  one vector XOR each (numba intrinsics), and a query's 16 lookups of a 64-row block add up in
+  a register. At 2 to 8 queries it is still memory-bound, like stream;
+- mask: the plain form, acc[q] ^= row & -bit(q, row), one AND-XOR per query per row word: the
+  last rows of a chunk, and the reference the benchmark compares with.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from fedge.privacy.dpf import (
 )
 from fedge.privacy.dpf import warm_up as dpf_warm_up
 
-GRAY_MIN_QUERIES = 8  # below this the 16-entry table costs more than it saves
+GRAY_MIN_QUERIES = 2  # one query streams the table with its accumulator in registers
 _LOWEST_BIT = np.array([0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], np.int64)
 
 
