@@ -16,6 +16,8 @@ replies in flight, which become error replies; the actor is replaced.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
 import logging
 import os
 import pickle
@@ -43,6 +45,12 @@ from fedge.server.local_grid import (
 
 log = logging.getLogger("fedge")
 DEFAULT_CLIENT_APP = "fedge.client.app:app"
+# A batch's replies travel inside the call's answer up to this size (on a Ray instance that
+# fedge starts), not through the shared-memory object store: the store never reuses freed
+# pages quickly, so every model that passed through it stayed resident in the writer and
+# the reader, and a 4 MB model cost more memory than Flower's run_simulation.
+INLINE_BYTES = 64 << 20
+BATCH_BYTES = 8 << 20  # about this much reply content per actor call (at least one message)
 
 
 class NodeStateStore:
@@ -129,6 +137,7 @@ class ClientWorker:
             reply = call_client_app(self.app, msg, ctx)
             new_state = pickle.dumps(ctx.state) if len(ctx.state) else None
             out.append((reply, new_state))
+        release_free_memory()
         return out
 
 
@@ -216,9 +225,10 @@ class RayGrid(VirtualGrid):
         groups: dict[int, tuple[RecordDict, list[Message]]] = {}
         for msg in messages:
             groups.setdefault(id(msg.content), (msg.content, []))[1].append(msg)
-        size = self.batch_size or max(1, -(-len(messages) // (4 * self.num_actors)))
+        even = max(1, -(-len(messages) // (4 * self.num_actors)))
         batches = []
         for content, msgs in groups.values():
+            size = self.batch_size or max(1, min(even, BATCH_BYTES // max(1, array_bytes(content))))
             ref = ray.put(content)
             batches += [(ref, msgs[i : i + size]) for i in range(0, len(msgs), size)]
         return batches
@@ -238,6 +248,7 @@ class RayGrid(VirtualGrid):
         return actor.run.remote(ref, items)
 
     def _dispatch(self, messages: list[Message], deadline: float) -> dict[str, Message]:
+        release_free_memory()  # what the last round's batches left in malloc's free lists
         pending = collections.deque(self._batches(messages))
         idle = list(self.actors)
         running: dict[Any, tuple[Any, list[Message]]] = {}
@@ -306,6 +317,26 @@ class RayGrid(VirtualGrid):
         self.actors = []
 
 
+def _malloc_trim() -> Any:
+    libc = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def release_free_memory() -> None:
+    """Give freed heap pages back to the OS (glibc keeps them per thread arena, so a few
+    batches of 4 MB replies otherwise stay resident); a no-op where malloc_trim is absent."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of model arrays in a message: a reply to it is about as large."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Start Ray on this machine, or join the cluster at `address` (or $RAY_ADDRESS).
 
@@ -330,7 +361,15 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # workers import what the driver can: its own source folders (not site-packages)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(_source_paths())}}
         # "local": a fresh instance even when a `ray start` cluster runs on this machine
-        ray.init("local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, **kwargs)
+        inline = {"max_direct_call_object_size": INLINE_BYTES}
+        inline["task_rpc_inlined_bytes_limit"] = INLINE_BYTES
+        ray.init(
+            "local",
+            num_cpus=num_cpus or os.cpu_count(),
+            include_dashboard=False,
+            _system_config=inline,
+            **kwargs,
+        )
 
 
 def _source_paths() -> list[str]:
