@@ -1,4 +1,4 @@
-"""The `fedge` command: run (simulation), server, client, pir-server.
+"""The `fedge` command: run (simulation), server, client, certs, pir-server.
 
 Every RunConfig field is a flag (`--num-clients`, `--lr`, ...); `--config FILE.toml` sets
 any of them and flags win. A bad value exits with status 2 and one line naming the field.
@@ -8,22 +8,30 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
 
 # RunConfig fields that make no sense for `fedge server` (they configure simulation)
 SERVER_ONLY = {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
+NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
 def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
     """One flag per RunConfig field (dict fields take repeatable key=value options)."""
     parser.add_argument("--config", help="TOML file with any of the fields below; flags win")
+    parser.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR from its last intact round (its config; flags win)",
+    )
     for f in dataclasses.fields(RunConfig):
-        if f.name in skip:
+        if f.name in skip or f.name in NOT_FLAGS:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not dataclasses.MISSING else None
@@ -49,9 +57,23 @@ def config_from_args(args: argparse.Namespace, skip: set[str] = frozenset()) -> 
         if value is None:
             continue
         flags[f.name] = dict(parse_option(v) for v in value) if isinstance(value, list) else value
+    if args.resume:
+        return resumed_config(args.resume, flags)
     if args.config:
         return RunConfig.from_toml(args.config, flags)
     return RunConfig.from_mapping(flags)
+
+
+def resumed_config(run_dir: str, flags: dict[str, Any]) -> RunConfig:
+    """The config a run in `run_dir` was started with; flags may change e.g. `rounds`."""
+    path = Path(run_dir) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedge run?") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    return RunConfig.from_mapping({**saved, **flags, "out": run_dir, "resume": True})
 
 
 def print_table(history: list[dict[str, Any]], metric: str) -> None:
@@ -94,7 +116,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     if args.min_clients is not None:
         args.num_clients = args.min_clients
     cfg = config_from_args(args, skip=SERVER_ONLY)
-    history = serve(cfg, host=args.host, port=args.port)
+    history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
@@ -110,7 +132,19 @@ def cmd_client(args: argparse.Namespace) -> int:
         num_partitions=args.num_partitions,
         max_train_seconds=args.max_train_seconds,
         data_dir=args.data_dir,
+        tls_dir=args.tls,
+        auth_key=args.auth_key,
     )
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from fedge.server.certs import make_certs
+
+    out = make_certs(args.dir, hosts=args.host or ["127.0.0.1", "localhost"], clients=args.clients)
+    print(f"CA, server certificate and {args.clients} client key(s) in {out}/")
+    print(f"  server: fedge server --tls {out} [--auth]")
+    print(f"  client: fedge client --tls DIR_WITH_CA_CRT --auth-key {out}/clients/client_I ...")
+    return 0
 
 
 def cmd_pir_server(args: argparse.Namespace) -> int:
@@ -135,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
     server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")
+    server.add_argument("--tls", metavar="DIR", help="serve over TLS with `fedge certs DIR` files")
+    server.add_argument(
+        "--auth", action="store_true", help="admit only clients enrolled in DIR/clients/*.pub"
+    )
     server.set_defaults(func=cmd_server)
 
     client = sub.add_parser("client", help="start one client process that joins a server")
@@ -146,7 +184,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-train-seconds", type=float, default=0.0, help="round budget [0: none]"
     )
     client.add_argument("--data-dir", help="local dataset folder (else the task's offline data)")
+    client.add_argument("--tls", metavar="DIR", help="connect over TLS, trusting DIR/ca.crt")
+    client.add_argument("--auth-key", help="this client's enrolled private key (server --auth)")
     client.set_defaults(func=cmd_client)
+
+    certs = sub.add_parser("certs", help="make a CA, a server certificate and client keys")
+    certs.add_argument("dir", help="folder to write them into")
+    certs.add_argument(
+        "--host", action="append", help="server host name or IP (repeatable) [127.0.0.1, localhost]"
+    )
+    certs.add_argument("--clients", type=int, default=0, help="client key pairs to make [0]")
+    certs.set_defaults(func=cmd_certs)
 
     pir = sub.add_parser("pir-server", help="serve one party of two-server private retrieval")
     pir.add_argument("--table", required=True, help="the embedding table, a .npy file")

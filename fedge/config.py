@@ -63,6 +63,16 @@ class RunConfig:
     client_cpus: float = opt(1.0, "CPUs one simulated client needs (fractions allowed)")
     client_gpus: float = opt(0.0, "GPUs one simulated client needs (fractions allowed)")
     dropout_rate: float = opt(0.0, "probability that a sampled client fails (simulated)")
+    faults: str = opt(
+        "", "simulated faulty clients, KIND[=ARG]:FRACTION,... (nan, shape, signflip, slow, ...)"
+    )
+    max_update_norm: float = opt(
+        10.0, "reject updates whose norm is over this many times the model's norm (0: off)"
+    )
+    dp_noise: float = opt(0.0, "differential privacy noise multiplier (0: off); clients clip")
+    dp_clip: float = opt(1.0, "differential privacy: clipping norm of each client's update")
+    dp_delta: float = opt(1e-5, "differential privacy: the delta that epsilon is reported at")
+    resume: bool = opt(False, "continue the run in `out` from its last intact round")
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt("cpu", "torch device for training: cpu, cuda, or auto")
 
@@ -94,6 +104,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and cross-field rules; raise ConfigError naming the field."""
+        from fedge.client.faults import parse_faults
         from fedge.data.partition import parse_scheme
 
         _check(self.num_clients >= 1, "num_clients", "must be >= 1", self.num_clients)
@@ -149,6 +160,20 @@ class RunConfig:
             parse_scheme(self.partition)
         except ValueError as exc:
             raise ConfigError(f"partition: {exc}") from None
+        try:
+            parse_faults(self.faults)
+        except ValueError as exc:
+            raise ConfigError(f"faults: {exc}") from None
+        _check(self.max_update_norm >= 0, "max_update_norm", "must be >= 0", self.max_update_norm)
+        _check(self.dp_noise >= 0, "dp_noise", "must be >= 0", self.dp_noise)
+        _check(self.dp_clip > 0, "dp_clip", "must be > 0", self.dp_clip)
+        _check(0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)", self.dp_delta)
+        _check(
+            not (self.resume and self.track_divergence),
+            "resume",
+            "cannot continue a run with track_divergence (its shadow SGD is not checkpointed)",
+            self.resume,
+        )
 
     # --- derived ------------------------------------------------------------------------
     @property

@@ -23,8 +23,17 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
+from fedge.client.faults import (
+    Fault,
+    corrupt,
+    corrupt_record,
+    fault_for,
+    misbehave,
+    parse_fault,
+)
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
+from fedge.strategies.dp import DP_WEIGHT, KEY_CLIPPING_NORM, clip_update
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
@@ -133,6 +142,35 @@ def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) ->
     )
 
 
+def client_fault(config: ConfigRecord, node_config: dict[str, Any]) -> Fault | None:
+    """The fault this node simulates: its own `fault` node config, else the run's `faults`."""
+    if node_config.get("fault"):
+        return parse_fault(str(node_config["fault"]))
+    return fault_for(
+        str(config.get("faults", "")),
+        int(node_config["partition-id"]),
+        int(node_config["num-partitions"]),
+        int(config.get("seed", 0)),
+    )
+
+
+def outgoing_state(
+    model: nn.Module, sent: ArrayRecord, config: ConfigRecord, fault: Fault | None
+) -> dict[str, torch.Tensor]:
+    """The weights this client sends: clipped for differential privacy if the server asks,
+    then corrupted if the node simulates a fault."""
+    state = exchanged_state(model.to("cpu"))
+    if KEY_CLIPPING_NORM not in config and fault is None:
+        return state
+    global_state = sent.to_torch_state_dict()
+    if KEY_CLIPPING_NORM in config:
+        state = clip_update(state, global_state, float(config[KEY_CLIPPING_NORM]))
+    if fault is not None:
+        misbehave(fault)
+        state = corrupt(fault, state, global_state)
+    return state
+
+
 app = ClientApp()
 
 
@@ -153,7 +191,10 @@ def train(msg: Message, context: Context) -> Message:
     extra_arrays, extra_metrics = (
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
-    arrays = ArrayRecord(exchanged_state(model.to("cpu")))
+    fault = client_fault(config, context.node_config)
+    arrays = ArrayRecord(outgoing_state(model, msg.content["arrays"], config, fault))
+    if fault is not None:
+        arrays = corrupt_record(fault, arrays)
     train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {
@@ -169,6 +210,8 @@ def train(msg: Message, context: Context) -> Message:
             **extra_metrics,
         }
     )
+    if KEY_CLIPPING_NORM in config:
+        metrics[DP_WEIGHT] = 1.0
     content = RecordDict({"arrays": arrays, **extra_arrays, "metrics": metrics})
     return Message(content, reply_to=msg)
 

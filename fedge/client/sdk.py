@@ -43,8 +43,15 @@ def supernode_command(
     num_partitions: int,
     max_train_seconds: float = 0.0,
     data_dir: str | None = None,
+    tls_dir: str | None = None,
+    auth_key: str | None = None,
 ) -> list[str]:
-    """The `flower-supernode` command line for one device, with fedge's node config."""
+    """The `flower-supernode` command line for one device, with fedge's node config.
+
+    `tls_dir`: a folder with the federation's `ca.crt` (from `fedge certs`): connect over
+    TLS. `auth_key`: this device's enrolled private key (OpenSSH), for servers run with
+    `--auth`.
+    """
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
@@ -63,9 +70,22 @@ def supernode_command(
         node_config["max-train-seconds"] = float(max_train_seconds)
     if data_dir:
         node_config["data-dir"] = os.path.abspath(data_dir)
+    if tls_dir:
+        ca_cert = os.path.join(tls_dir, "ca.crt")
+        if not os.path.exists(ca_cert):
+            raise ValueError(f"--tls {tls_dir}: no ca.crt there; copy the server's ca.crt in")
+        security = ["--root-certificates", os.path.abspath(ca_cert)]
+    elif auth_key:
+        raise ValueError("--auth-key needs --tls DIR: Flower authenticates SuperNodes over TLS")
+    else:
+        security = ["--insecure"]
+    if auth_key:
+        if not os.path.exists(auth_key):
+            raise ValueError(f"--auth-key {auth_key}: no such file")
+        security += ["--auth-supernode-private-key", os.path.abspath(auth_key)]
     return [
         flower_tool("flower-supernode"),
-        "--insecure",
+        *security,
         "--superlink",
         server,
         "--port",
@@ -83,9 +103,13 @@ def join(
     max_train_seconds: float = 0.0,
     data_dir: str | None = None,
     block: bool = True,
+    tls_dir: str | None = None,
+    auth_key: str | None = None,
 ) -> Any:
     """Join the federation at `server`. Blocks until stopped, or returns the process."""
-    cmd = supernode_command(server, task, partition_id, num_partitions, max_train_seconds, data_dir)
+    cmd = supernode_command(
+        server, task, partition_id, num_partitions, max_train_seconds, data_dir, tls_dir, auth_key
+    )
     if not block:
         return subprocess.Popen(cmd, start_new_session=True, env=tool_env())
     print(f"fedge client: partition {partition_id}/{num_partitions} joining {server}", flush=True)

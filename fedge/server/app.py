@@ -9,12 +9,11 @@ and on fedge's in-process grid (`simulate`).
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,18 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
 from fedge.config import RunConfig
 from fedge.data.shared import Federation, client_split, federation
+from fedge.server.checkpoint import resume_point, save_round
 from fedge.server.divergence import ShadowSGD, client_drift, label_skew, weight_divergence
-from fedge.server.history import History, atomic_write_bytes, summarize_evaluate, summarize_train
+from fedge.server.history import History, load_history, summarize_evaluate, summarize_train
+from fedge.server.local_grid import error_reply
+from fedge.server.validation import check_update
 from fedge.strategies import build_strategy
+from fedge.strategies.dp import DP_WEIGHT, privacy_spent, with_dp
 from fedge.tasks import Task, TrainConfig, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
 
@@ -36,16 +40,23 @@ CONFIG_KEY = "fedge-config"  # run_config key holding the path of the run's conf
 console = Console(highlight=False, soft_wrap=True)
 
 
+# (training reply, the instruction it answers) -> why it must not be aggregated, or None
+ReplyCheck = Callable[[Message, Message], str | None]
+
+
 class RoundObserver(Grid):
     """Passes everything through to `grid`, keeping the last replies of each message type.
 
     The strategy never knows it is there; the server reads device metrics and failures
-    from what it saw.
+    from what it saw. Training replies that fail `check` reach the strategy as error
+    replies (so they are never aggregated), and their reasons are kept in `rejected`.
     """
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, check: ReplyCheck | None = None) -> None:
         self.grid = grid
+        self.check = check
         self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
+        self.rejected: list[str] = []  # "node N: reason", since the last take_rejected()
 
     def set_run(self, run_id: int) -> None:
         self.grid.set_run(run_id)
@@ -73,12 +84,55 @@ class RoundObserver(Grid):
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
         if messages:
             kind = messages[0].metadata.message_type
+            if kind == MessageType.TRAIN and self.check is not None:
+                replies = self.screen(messages, replies)
             self.last[kind] = (replies, len(messages) - len(replies))
         return replies
+
+    def screen(self, messages: list[Message], replies: list[Message]) -> list[Message]:
+        """Replace each reply that fails the check by an error reply naming the reason."""
+        sent = {m.metadata.dst_node_id: m for m in messages}
+        screened = []
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            reason = self.check(reply, sent[node]) if node in sent else None
+            if reason:
+                console.print(f"rejected the update of node {node}: {reason}")
+                self.rejected.append(f"node {node}: {reason}")
+                reply = error_reply(sent[node], f"update rejected by the server: {reason}")
+            screened.append(reply)
+        return screened
 
     def take(self, kind: str) -> tuple[list[Message], int]:
         """The last round's replies of `kind`, and how many nodes never answered."""
         return self.last.pop(kind, ([], 0))
+
+    def take_rejected(self) -> list[str]:
+        rejected, self.rejected = self.rejected, []
+        return rejected
+
+
+class Resumed(Strategy):
+    """Runs `strategy` with rounds 1..n of Flower's loop as rounds offset+1..offset+n, so
+    a resumed run's clients see the true round (learning-rate decay, seeds)."""
+
+    def __init__(self, strategy: Strategy, offset: int) -> None:
+        self.strategy, self.offset = strategy, offset
+
+    def configure_train(self, server_round: int, *args: Any) -> Iterable[Message]:
+        return self.strategy.configure_train(server_round + self.offset, *args)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> Any:
+        return self.strategy.aggregate_train(server_round + self.offset, replies)
+
+    def configure_evaluate(self, server_round: int, *args: Any) -> Iterable[Message]:
+        return self.strategy.configure_evaluate(server_round + self.offset, *args)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> Any:
+        return self.strategy.aggregate_evaluate(server_round + self.offset, replies)
+
+    def summary(self) -> None:
+        self.strategy.summary()
 
 
 def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5) -> int:
@@ -101,15 +155,18 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
 
 
 def sampling(cfg: RunConfig) -> dict[str, Any]:
-    """Strategy sampling arguments that give exactly `sampled_per_round` clients a round."""
+    """Strategy sampling arguments: `sampled_per_round` clients a round while all are
+    connected, proportionally fewer when some have died (Flower would otherwise wait for
+    the dead to come back). fedge waits for all clients itself before round 1."""
     k, n = cfg.sampled_per_round, cfg.num_clients
     n_eval = math.ceil(cfg.eval_fraction * k)
+    hair = 1e-9  # Flower takes int(connected * fraction): k / n * n may round down to k - 1
     return {
-        "fraction_train": k / n,
-        "min_train_nodes": k,
-        "fraction_evaluate": n_eval / n if n_eval else 0.0,
-        "min_evaluate_nodes": n_eval,
-        "min_available_nodes": n,
+        "fraction_train": min(1.0, k / n + hair),
+        "min_train_nodes": 1,
+        "fraction_evaluate": min(1.0, n_eval / n + hair) if n_eval else 0.0,
+        "min_evaluate_nodes": 1 if n_eval else 0,
+        "min_available_nodes": 1,
     }
 
 
@@ -131,6 +188,7 @@ def client_config(cfg: RunConfig) -> ConfigRecord:
             "momentum": cfg.momentum,
             "max-train-seconds": cfg.max_train_seconds,
             "device": cfg.device,
+            "faults": cfg.faults,
         }
     )
 
@@ -172,15 +230,6 @@ def shadow_sgd(task: Task, model: torch.nn.Module, cfg: RunConfig, fed: Federati
     return ShadowSGD(task, model, data, local_sgd(cfg, cfg.local_epochs))
 
 
-def save_checkpoint(out: Path, server_round: int, model: torch.nn.Module) -> Path:
-    """The whole global model after a round (frozen weights included), written atomically."""
-    buf = io.BytesIO()
-    torch.save(model.state_dict(), buf)
-    path = out / "checkpoints" / f"round_{server_round:03d}.pt"
-    atomic_write_bytes(path, buf.getvalue())
-    return path
-
-
 def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
     value = record.get(metric)
     shown = f"{value:.4f}" if isinstance(value, float) else "n/a"
@@ -192,21 +241,59 @@ def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
     )
 
 
+def build_run_strategy(cfg: RunConfig) -> Strategy:
+    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0."""
+    options = dict(cfg.strategy_options)
+    if cfg.dp_noise > 0:
+        options.setdefault("weighted_by_key", DP_WEIGHT)  # equal weights, as DP accounting needs
+    strategy = build_strategy(cfg.strategy, options, sampling(cfg), lr=cfg.lr)
+    if cfg.dp_noise > 0:
+        strategy = with_dp(
+            strategy,
+            cfg.dp_noise,
+            cfg.dp_clip,
+            cfg.sampled_per_round,
+            population=cfg.num_clients,
+            delta=cfg.dp_delta,
+        )
+    return strategy
+
+
+def update_check(cfg: RunConfig, model: torch.nn.Module) -> ReplyCheck:
+    """Validation of a training reply against the server's model and the weights sent."""
+    reference = ArrayRecord(exchanged_state(model))
+
+    def check(reply: Message, instruction: Message) -> str | None:
+        return check_update(reply, instruction.content["arrays"], reference, cfg.max_update_norm)
+
+    return check
+
+
 def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dict[str, Any]]:
-    """Run all rounds on `grid` and return the history (also written to `cfg.out`)."""
+    """Run all rounds on `grid` and return the history (also written to `cfg.out`).
+
+    With `cfg.resume`, continue from the last intact round found in `cfg.out`.
+    """
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": False}, indent=2))
     task = task or build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
     model = task.build_model()
     test_data = task.test_dataset()
+    history = History(out, metric=task.metric)
+    strategy, done = build_run_strategy(cfg), 0
+    if cfg.resume:
+        records = load_history(out) if (out / "history.json").exists() else []
+        done, saved, history.records = resume_point(out, model, records)
+        strategy = saved or strategy
+        console.print(f"fedge: resuming {out} after round {done} of {cfg.rounds}")
+        if done >= cfg.rounds:
+            return history.records
     fed = server_federation(task, cfg) if cfg.warmup_epochs or cfg.track_divergence else None
-    if cfg.warmup_epochs:
+    if cfg.warmup_epochs and not done:
         warm_up(task, model, cfg, fed)
     shadow = shadow_sgd(task, model, cfg, fed) if cfg.track_divergence else None
-    strategy = build_strategy(cfg.strategy, cfg.strategy_options, sampling(cfg), lr=cfg.lr)
-    history = History(out, metric=task.metric)
-    observer = RoundObserver(grid)
+    observer = RoundObserver(grid, check=update_check(cfg, model))
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.round_timeout)
     console.print(
         f"fedge: task {cfg.task}, strategy {type(strategy).__name__}, "
@@ -217,19 +304,24 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
+        server_round += done
         load_exchanged(model, arrays.to_torch_state_dict())
         metrics = task.evaluate(model, test_data)
         metrics.pop("num_examples", None)
-        if server_round == 0:
-            console.print(f"initial model: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
+        if server_round == done:
+            start = f"round {done} model" if done else "initial model"
+            console.print(f"{start}: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
             clock["t"] = time.perf_counter()
             sent["arrays"] = arrays
             return MetricRecord(metrics)
         replies, unanswered = observer.take(MessageType.TRAIN)
         train = summarize_train(replies)
         train["failures"] += unanswered  # a node that never answered failed too
+        rejected = observer.take_rejected()
         record = {"round": server_round, **metrics, **train, **label_skew(replies)}
+        record.update(rejected=len(rejected), rejected_reasons=rejected)
         record.update(client_drift(replies, sent["arrays"]))
+        record.update(privacy_spent(strategy))
         if shadow is not None:
             steps = [int(m.content["metrics"]["steps"]) for m in replies if not m.has_error()]
             steps = round(sum(steps) / max(len(steps), 1))  # Zhao: T local steps <-> T SGD steps
@@ -238,17 +330,17 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         sent["arrays"] = arrays
         record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)[0]))
         record["seconds"] = time.perf_counter() - clock["t"]
-        save_checkpoint(out, server_round, model)
+        save_round(out, server_round, model, strategy)
         history.append(record)
         console.print(progress_line(record, cfg.rounds, task.metric))
         clock["t"] = time.perf_counter()
         return MetricRecord(metrics)
 
     spec = client_config(cfg)
-    result = strategy.start(
+    result = (Resumed(strategy, done) if done else strategy).start(
         grid=observer,
         initial_arrays=ArrayRecord(exchanged_state(model)),
-        num_rounds=cfg.rounds,
+        num_rounds=cfg.rounds - done,
         timeout=cfg.round_timeout,
         train_config=spec,
         evaluate_config=ConfigRecord(dict(spec)),
@@ -308,8 +400,6 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
         return run_server(LocalGrid(client_app, cfg.num_clients), cfg)
     if cfg.backend == "flower":
         from flwr.simulation import run_simulation
-
-        from fedge.server.history import load_history
 
         run_simulation(
             server_app=build_server_app(cfg),

@@ -17,6 +17,7 @@ from typing import Any
 from fedge.config import RunConfig
 from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
 from fedge.server.app import CONFIG_KEY
+from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
 
 APP_PYPROJECT = """\
@@ -51,50 +52,88 @@ default = "fedge"
 
 [superlink.fedge]
 address = "{address}"
-insecure = true
+{security}
 """
 
 FLOWER_LOG_PREFIXES = ("\x1b[92mINFO", "INFO ", "\x1b[94mDEBUG")
 
 
-def write_run_files(cfg: RunConfig, address: str) -> tuple[Path, Path, Path]:
+def write_run_files(
+    cfg: RunConfig, address: str, ca_cert: Path | None = None
+) -> tuple[Path, Path, Path]:
     """The run's config JSON, the Flower App folder and FLWR_HOME, all under cfg.out."""
     out = Path(cfg.out).resolve()
     app_dir, flwr_home = out / ".flower-app", out / ".flwr"
     app_dir.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
     (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(key=CONFIG_KEY))
-    (flwr_home / "config.toml").write_text(CONNECTION.format(address=address))
+    security = f'root-certificates = "{ca_cert.resolve()}"' if ca_cert else "insecure = true"
+    (flwr_home / "config.toml").write_text(CONNECTION.format(address=address, security=security))
     cfg_path = out / "run-config.json"
     cfg_path.write_text(json.dumps({**cfg.to_dict(), "out": str(out)}, indent=2))
     return cfg_path, app_dir, flwr_home
 
 
-def serve(cfg: RunConfig, host: str = "127.0.0.1", port: int = 9092) -> list[dict[str, Any]]:
-    """Start a SuperLink on host:port, run all rounds, stop the SuperLink, return history."""
+def superlink_command(host: str, port: int, tls_dir: str | None, auth: bool) -> list[str]:
+    """`flower-superlink`, with TLS from `tls_dir` and SuperNode authentication if asked."""
+    cmd = [flower_tool("flower-superlink"), "--disable-runtime-dependency-installation"]
+    if tls_dir:
+        files = tls_files(tls_dir)
+        cmd += ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile", str(files["cert"])]
+        cmd += ["--ssl-keyfile", str(files["key"])]
+        if auth:
+            cmd.append("--enable-supernode-auth")
+    elif auth:
+        raise ValueError("--auth needs --tls DIR: Flower authenticates SuperNodes over TLS only")
+    else:
+        cmd.append("--insecure")
+    return cmd + ["--host", host, "--port", str(port)]
+
+
+def enrol(tls_dir: str, env: dict[str, str]) -> int:
+    """Register every client public key in `tls_dir/clients` with the running SuperLink."""
+    keys = enrolled_keys(tls_dir)
+    for key in keys:
+        done = subprocess.run(
+            [flower_tool("flwr"), "supernode", "register", str(key), "fedge"],
+            capture_output=True,
+            text=True,
+            env=tool_env(env),
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"enrolling {key} failed: {(done.stdout + done.stderr).strip()}")
+    return len(keys)
+
+
+def serve(
+    cfg: RunConfig,
+    host: str = "127.0.0.1",
+    port: int = 9092,
+    tls_dir: str | None = None,
+    auth: bool = False,
+) -> list[dict[str, Any]]:
+    """Start a SuperLink on host:port, run all rounds, stop the SuperLink, return history.
+
+    `tls_dir` (from `fedge certs`) turns on TLS; `auth` admits only the SuperNodes whose
+    public keys are in `tls_dir/clients`.
+    """
     address = f"{host}:{port}"
-    cfg_path, app_dir, flwr_home = write_run_files(cfg, address)
+    cmd = superlink_command(host, port, tls_dir, auth)
+    ca_cert = Path(tls_dir, "ca.crt") if tls_dir else None
+    cfg_path, app_dir, flwr_home = write_run_files(cfg, address, ca_cert)
     out = cfg_path.parent
     env = {"FLWR_HOME": str(flwr_home)}
-    superlink = start(
-        [
-            flower_tool("flower-superlink"),
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            "--host",
-            host,
-            "--port",
-            str(port),
-        ],
-        log=out / "superlink.log",
-        env=env,
-    )
+    superlink = start(cmd, log=out / "superlink.log", env=env)
     try:
         wait_for_port(host, port, timeout=60, proc=superlink)
+        secure = f" --tls {tls_dir}" if tls_dir else ""
+        if auth:
+            print(f"fedge server: enrolled {enrol(str(tls_dir), env)} client keys")
+            secure += " --auth-key KEYFILE"
         print(f"fedge server: SuperLink listening on {address}; start clients with")
         print(
             f"  fedge client --server {address} --task {cfg.task} --partition-id I "
-            f"--num-partitions {cfg.num_clients}"
+            f"--num-partitions {cfg.num_clients}{secure}"
         )
         run_flower_app(app_dir, cfg_path, env, out / "server.log")
     finally:

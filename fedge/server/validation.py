@@ -1,0 +1,70 @@
+"""Server-side checks of every training reply before the strategy may aggregate it.
+
+A reply that fails a check becomes an error reply with the reason, so no strategy ever sees
+it: wrong keys, shapes or dtypes (against the server's own model), NaN or Inf anywhere, or an
+update whose norm ||w_k - w_t|| is more than `max_update_norm` times ||w_t||.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from fedge.server.divergence import relative_distance
+
+MODEL_RECORD = "arrays"
+
+
+def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
+    """Why `arrays` cannot be the model described by `reference` (keys, shapes, dtypes)."""
+    missing = [k for k in reference if k not in arrays]
+    extra = [k for k in arrays if k not in reference]
+    if missing or extra:
+        return f"tensor names differ from the model's (missing {missing[:3]}, extra {extra[:3]})"
+    for key, ref in reference.items():
+        got = arrays[key]
+        if tuple(got.shape) != tuple(ref.shape):
+            return f"{key}: shape {tuple(got.shape)}, the model has {tuple(ref.shape)}"
+        if got.dtype != ref.dtype:
+            return f"{key}: dtype {got.dtype}, the model has {ref.dtype}"
+    return None
+
+
+def non_finite(arrays: ArrayRecord) -> str | None:
+    """The first tensor holding NaN or Inf (or that cannot be decoded), if any."""
+    for key, array in arrays.items():
+        try:
+            values = array.numpy()
+        except Exception as exc:  # a corrupt payload must not stop the round
+            return f"{key}: cannot be decoded ({exc})"
+        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+            bad = int((~np.isfinite(values)).sum())
+            return f"{key}: {bad} NaN/Inf value(s)"
+    return None
+
+
+def check_update(
+    reply: Message, sent: ArrayRecord, reference: ArrayRecord, max_update_norm: float
+) -> str | None:
+    """Why this training reply must not reach aggregation, or None if it may.
+
+    `sent` is the global model the client trained from; `reference` is the server's own
+    model (its shapes and dtypes: FedAvg may have turned integer buffers into floats in
+    `sent`); `max_update_norm` <= 0 switches the norm check off.
+    """
+    if reply.has_error():
+        return None  # already a failure
+    if MODEL_RECORD not in reply.content.array_records:
+        return f"the reply has no {MODEL_RECORD!r} ArrayRecord"
+    arrays = reply.content.array_records[MODEL_RECORD]
+    reason = check_arrays(arrays, reference)
+    for record in reply.content.array_records.values():
+        reason = reason or non_finite(record)
+    if reason is None and max_update_norm > 0:
+        ratio = relative_distance(arrays, sent)
+        if ratio > max_update_norm:
+            reason = (
+                f"update norm is {ratio:.3g} x the model's norm (limit {max_update_norm:g}: "
+                "--max-update-norm)"
+            )
+    return reason

@@ -1,0 +1,44 @@
+"""Faults on the Ray backend, where clients are processes: a client process killed
+mid-round, a client slower than the round timeout, a client that raises."""
+
+import pytest
+from faultkit import small_run
+
+from fedge.server.app import simulate
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_session():
+    from fedge.server.ray_grid import init_ray, ray
+
+    init_ray(None)
+    yield
+    ray.shutdown()
+
+
+def ray_run(out, **kw):
+    return small_run(out, backend="ray", client_cpus=0.5, **kw)
+
+
+def test_killed_client_process_does_not_stop_the_run(tmp_path):
+    history = simulate(ray_run(tmp_path, num_clients=4, rounds=2, faults="exit:0.25"))
+    assert [r["round"] for r in history] == [1, 2]
+    for record in history:
+        assert record["failures"] >= 1  # the killed one (and any client sharing its actor)
+        assert record["num_clients"] >= 1
+    assert history[-1]["accuracy"] > 0.5
+
+
+def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
+    history = simulate(
+        ray_run(tmp_path, num_clients=4, rounds=2, faults="slow=60:0.25", round_timeout=20)
+    )
+    for record in history:
+        assert record["failures"] == 1 and record["num_clients"] == 3
+        assert record["seconds"] < 55  # the round did not wait for the slow client
+    assert history[-1]["accuracy"] > 0.5
+
+
+def test_raising_client_is_a_failure_not_a_crash(tmp_path):
+    history = simulate(small_run(tmp_path, num_clients=4, rounds=2, faults="crash:0.25"))
+    assert [r["failures"] for r in history] == [1, 1]
