@@ -38,6 +38,11 @@ def tree_rss(pid: int) -> int:
     return total
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages: timings on a shared machine need them."""
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def child(engine: str, nodes: int, sampled: int, rounds: int, floats: int) -> None:
     """Runs in the measured process: one engine, one population; prints round times."""
     sys.path.insert(0, str(HERE))
@@ -125,6 +130,7 @@ def main() -> None:
         "| model | clients | engine | wall s | s/round after 1st | updates/s | peak RSS GiB |"
         " fedge/Flower updates/s | fedge/Flower RSS |"
     )
+    print(f"load average at start: {load_average()}", flush=True)
     print(header + "\n|" + "---|" * 9, flush=True)
     for model in args.models:
         for nodes in args.populations:
@@ -140,6 +146,7 @@ def main() -> None:
                 cells += [f"{r['peak_rss_gib']:.2f}", *ratio]
                 print("| " + " | ".join(cells) + " |", flush=True)
                 rows.append({"model": model, "clients": nodes, "engine": engine, **r})
+    print(f"load average at end: {load_average()}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
