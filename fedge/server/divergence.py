@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -113,3 +113,64 @@ class ShadowSGD:
             )
             self.task.train(self.model, self.data, cfg)
         return self.model.state_dict()
+
+
+def fedavg_steps(sizes: Sequence[int], batch_size: int, epochs: int) -> int:
+    """The SGD steps one FedAvg round amounts to: client k takes ceil(n_k / B) * E steps and
+    FedAvg weights its update by n_k, so the n_k-weighted mean (clients of unequal size,
+    as under Dirichlet splits, make it larger than the plain mean)."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    if len(sizes) == 0 or sizes.sum() <= 0 or batch_size < 1 or epochs < 1:
+        raise ValueError(
+            f"need clients with data, B >= 1 and E >= 1; got {sizes}, B={batch_size}, E={epochs}"
+        )
+    steps = np.ceil(sizes / batch_size) * epochs
+    return int(round(float((steps * sizes).sum() / sizes.sum())))
+
+
+def sgd_replicas(
+    task: Task,
+    model: nn.Module,
+    data: Dataset,
+    train: TrainConfig,
+    schedule: Sequence[tuple[int, float]],
+    seeds: Sequence[int],
+) -> list[list[dict[str, np.ndarray]]]:
+    """Centralized SGD from `model`'s weights once per seed (data order), following
+    `schedule` = [(steps, lr) for each round]; each replica's state after every round.
+
+    Several replicas give the expected SGD trajectory (their mean) and its own noise
+    (their spread): with few small-batch steps one SGD run is as far from another as
+    from FedAvg, and the divergence non-IID data causes is hidden under that noise.
+    """
+    replicas = []
+    for seed in seeds:
+        shadow = ShadowSGD(task, model, data, dataclasses.replace(train, seed=seed))
+        replicas.append(
+            [dict(_floats(shadow.step(r, steps, lr))) for r, (steps, lr) in enumerate(schedule, 1)]
+        )
+    return replicas
+
+
+def mean_state(states: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
+    """The element-wise mean of several models' floating-point entries."""
+    if not states:
+        raise ValueError("mean_state needs at least one state")
+    floats = [_floats(s) for s in states]
+    return {k: sum(f[k] for f in floats) / len(floats) for k in floats[0]}
+
+
+def sgd_noise(states: Sequence[Mapping[str, object]]) -> float:
+    """Mean pairwise ||w_a - w_b|| / ||mean w|| of SGD replicas: the divergence that
+    data order alone produces, the floor under any measured weight divergence."""
+    if len(states) < 2:
+        raise ValueError("sgd_noise needs at least two replicas")
+    ref = mean_state(states)
+    den = np.sqrt(sum(float((v**2).sum()) for v in ref.values()))
+    floats = [_floats(s) for s in states]
+    pairs = [
+        np.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in ref)) / den
+        for i, a in enumerate(floats)
+        for b in floats[i + 1 :]
+    ]
+    return float(np.mean(pairs))
