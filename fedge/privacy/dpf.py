@@ -21,6 +21,7 @@ import hashlib
 import secrets
 import struct
 import sys
+import threading
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -296,14 +297,15 @@ class KeyBatch:
         """Decode serialized keys; a malformed one raises ValueError naming its position."""
         if not keys:
             raise ValueError("a key batch needs at least one DPF key")
-        first = keys[0]
-        uniform = all(isinstance(k, bytes | bytearray | memoryview) for k in keys) and (
-            len({len(k) for k in keys}) == 1
-        )
-        bits = first[4] if uniform and len(first) >= _HEADER.size else 0
-        if not (1 <= bits <= MAX_DOMAIN_BITS and len(first) == key_size(bits)):
+        try:  # one join for the whole batch; anything not bytes-like fails it
+            joined, uniform = b"".join(keys), len(set(map(len, keys))) == 1
+        except TypeError:
+            joined, uniform = b"", False
+        size = len(joined) // len(keys)
+        bits = joined[4] if uniform and size >= _HEADER.size else 0
+        if not (1 <= bits <= MAX_DOMAIN_BITS and size == key_size(bits)):
             cls._raise_first_bad(keys)
-        raw = np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), -1)
+        raw = np.frombuffer(joined, np.uint8).reshape(len(keys), -1)
         depth = tree_depth(bits)
         head = np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8)
         ctrl = raw[:, 21 + 16 * depth : 21 + 17 * depth]
@@ -376,6 +378,17 @@ class Workspace:
         return self.bufs, self.aes_out
 
 
+_THREAD = threading.local()
+
+
+def thread_workspace() -> Workspace:
+    """This thread's Workspace, kept between calls: small passes (many tables, bins) would
+    otherwise pay for a new AES context and fresh buffers each time."""
+    if not hasattr(_THREAD, "work"):
+        _THREAD.work = Workspace()
+    return _THREAD.work
+
+
 def _descend(batch, seeds, t, level, stop, work, parallel):
     """Walk nodes (keys, m) at `level` down to level `stop` <= depth, one AES call per level
     for all keys and nodes. Returns the AES inputs of the nodes at `stop`, (keys, nodes,
@@ -407,7 +420,9 @@ def node_seeds(batch: KeyBatch, level: int) -> tuple[np.ndarray, np.ndarray]:
     if not 0 <= level <= tree_depth(batch.domain_bits):
         raise ValueError(f"level must be in 0..{tree_depth(batch.domain_bits)}, got {level}")
     seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
-    inp, t = _descend(batch, seeds, t, 0, level, Workspace(), None)
+    if level == 0:
+        return seeds, t
+    inp, t = _descend(batch, seeds, t, 0, level, thread_workspace(), None)
     first = BRANCH[0] if level < tree_depth(batch.domain_bits) else T_VALUE
     return inp[:, :, 0, :] ^ first, t  # remove the tweak the AES input carries
 

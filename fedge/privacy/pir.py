@@ -42,11 +42,11 @@ from fedge.privacy.dpf import (
     LEAF_BITS,
     DPFKey,
     KeyBatch,
-    Workspace,
     expand,
     expand_below,
     gen_batch,
     node_seeds,
+    thread_workspace,
 )
 from fedge.privacy.dpf import warm_up as dpf_warm_up
 
@@ -321,7 +321,7 @@ def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np
     padded = -(-width // 8) * 8 if kernel == "gray" else width  # whole 64-byte slabs
 
     def work() -> np.ndarray:
-        acc, space = np.zeros((queries, padded), np.uint64), Workspace()
+        acc, space = np.zeros((queries, padded), np.uint64), thread_workspace()
         while (j := next(ids)) < plan.count:  # itertools.count hands out each chunk once
             bits = expand_below(batch, seeds[j][:, None], t[j][:, None], plan.level, space, False)
             part = table[j * chunk : (j + 1) * chunk]
