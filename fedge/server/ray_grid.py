@@ -285,17 +285,16 @@ class RayGrid(VirtualGrid):
 
     def _expire(self, running: dict, pending: collections.deque, replies: dict) -> None:
         """The round is over: whatever has not answered gets a timeout error; late replies
-        are dropped by cancelling their calls."""
+        are dropped by killing the actors still busy (a sync actor cannot be interrupted,
+        and a live one would keep its CPUs from its replacement)."""
         late = [m for _, msgs in running.values() for m in msgs]
         late += [m for _, msgs in pending for m in msgs]
-        for future in running:
-            ray.cancel(future, force=False)
         for msg in late:
             replies[msg.metadata.message_id] = error_reply(
                 msg, "no reply within the round timeout", ErrorCode.REPLY_MESSAGE_UNAVAILABLE
             )
-        # an actor still busy with a cancelled call is of no use this round; refresh the pool
         for actor, _ in running.values():
+            ray.kill(actor, no_restart=True)
             self._replace(actor)
         running.clear()
         pending.clear()
