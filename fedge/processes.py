@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import signal
@@ -53,6 +54,13 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGKILL when its parent dies, even by `kill -9`, so a killed
+    `fedge server` leaves no SuperLink holding its port (PR_SET_PDEATHSIG = 1)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
 def start(
     cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
@@ -64,6 +72,7 @@ def start(
         stderr=subprocess.STDOUT,
         env=tool_env(env),
         start_new_session=True,
+        preexec_fn=_die_with_parent,
     )
 
 

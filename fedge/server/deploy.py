@@ -74,9 +74,16 @@ def write_run_files(
     return cfg_path, app_dir, flwr_home
 
 
-def superlink_command(host: str, port: int, tls_dir: str | None, auth: bool) -> list[str]:
-    """`flower-superlink`, with TLS from `tls_dir` and SuperNode authentication if asked."""
+def superlink_command(
+    host: str, port: int, tls_dir: str | None, auth: bool, database: Path
+) -> list[str]:
+    """`flower-superlink`, with TLS from `tls_dir` and SuperNode authentication if asked.
+
+    Its state lives in `database`, so a SuperLink restarted by `--resume` still knows the
+    SuperNodes (which would otherwise be refused and exit) and the enrolled keys.
+    """
     cmd = [flower_tool("flower-superlink"), "--disable-runtime-dependency-installation"]
+    cmd += ["--database", str(database)]
     if tls_dir:
         files = tls_files(tls_dir)
         cmd += ["--ssl-ca-certfile", str(files["ca"]), "--ssl-certfile", str(files["cert"])]
@@ -118,10 +125,11 @@ def serve(
     public keys are in `tls_dir/clients`.
     """
     address = f"{host}:{port}"
-    cmd = superlink_command(host, port, tls_dir, auth)
     ca_cert = Path(tls_dir, "ca.crt") if tls_dir else None
     cfg_path, app_dir, flwr_home = write_run_files(cfg, address, ca_cert)
     out = cfg_path.parent
+    cmd = superlink_command(host, port, tls_dir, auth, out / "state" / "superlink.db")
+    (out / "state").mkdir(exist_ok=True)
     env = {"FLWR_HOME": str(flwr_home)}
     superlink = start(cmd, log=out / "superlink.log", env=env)
     try:
