@@ -107,8 +107,9 @@ def enrol(tls_dir: str, env: dict[str, str]) -> int:
             text=True,
             env=tool_env(env),
         )
-        if done.returncode != 0:
-            raise RuntimeError(f"enrolling {key} failed: {(done.stdout + done.stderr).strip()}")
+        said = (done.stdout + done.stderr).strip()
+        if done.returncode != 0 and "already in use" not in said:  # enrolled before a --resume
+            raise RuntimeError(f"enrolling {key} failed: {said}")
     return len(keys)
 
 

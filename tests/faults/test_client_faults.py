@@ -31,11 +31,11 @@ def test_killed_client_process_does_not_stop_the_run(tmp_path):
 
 def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
     history = simulate(
-        ray_run(tmp_path, num_clients=4, rounds=2, faults="slow=60:0.25", round_timeout=20)
+        ray_run(tmp_path, num_clients=4, rounds=2, faults="slow=90:0.25", round_timeout=30)
     )
     for record in history:
         assert record["failures"] == 1 and record["num_clients"] == 3
-        assert record["seconds"] < 55  # the round did not wait for the slow client
+        assert record["seconds"] < 80  # the round did not wait for the slow client
     assert history[-1]["accuracy"] > 0.5
 
 
