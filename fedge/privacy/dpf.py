@@ -235,6 +235,39 @@ _LEVEL = serial_and_parallel(_correct_level)
 _LEAVES = serial_and_parallel(_finish_leaves)
 
 
+@numba.njit(cache=True, nogil=True)
+def _split_keys(raw, head, party, seed, cw_seed, cw_bits, cw_out):
+    """Check and decode serialized keys of one size, (keys, bytes), into the KeyBatch fields
+    in one compiled loop (numpy's dozen small operations cost more on small batches). False
+    if any key has a bad header or control byte (`KeyBatch.parse` then says which)."""
+    depth = cw_seed.shape[0]
+    ctrl = 21 + 16 * depth
+
+    def word(k, at):  # little-endian uint64 at byte `at` of key k
+        w = np.uint64(0)
+        for b in range(8):
+            w |= np.uint64(raw[k, at + b]) << np.uint64(8 * b)
+        return w
+
+    for k in range(raw.shape[0]):
+        if raw[k, 0] != head[0] or raw[k, 1] != head[1] or raw[k, 2] != head[2]:
+            return False
+        if raw[k, 3] > 1 or raw[k, 4] != head[4]:
+            return False
+        party[k] = raw[k, 3]
+        for h in range(2):
+            seed[k, h] = word(k, 5 + 8 * h)
+            cw_out[k, h] = word(k, ctrl + depth + 8 * h)
+        for level in range(depth):
+            c = raw[k, ctrl + level]
+            if c > 3:
+                return False
+            cw_bits[level, k, 0], cw_bits[level, k, 1] = c & 1, c >> 1
+            for h in range(2):
+                cw_seed[level, k, h] = word(k, 21 + 16 * level + 8 * h)
+    return True
+
+
 @dataclass(frozen=True)
 class KeyBatch:
     """Keys of one domain and party mix, stored by field (what `expand` walks level by level).
@@ -306,26 +339,19 @@ class KeyBatch:
         if not (1 <= bits <= MAX_DOMAIN_BITS and size == key_size(bits)):
             cls._raise_first_bad(keys)
         raw = np.frombuffer(joined, np.uint8).reshape(len(keys), -1)
-        depth = tree_depth(bits)
-        head = np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8)
-        ctrl = raw[:, 21 + 16 * depth : 21 + 17 * depth]
-        bad = (raw[:, [0, 1, 2, 4]] != head[[0, 1, 2, 4]]).any(1) | (raw[:, 3] > 1)
-        bad |= (ctrl > 3).any(1)
-        if bad.any():
-            cls._raise_first_bad(keys)
-
-        def words(lo: int, n: int) -> np.ndarray:
-            return np.ascontiguousarray(raw[:, lo : lo + 8 * n]).view(np.uint64)
-
-        ctrl = ctrl.T.astype(np.uint64)
-        return cls(
-            bits,
-            raw[:, 3].astype(np.uint64),
-            words(5, 2),
-            words(21, 2 * depth).reshape(len(keys), depth, 2).transpose(1, 0, 2).copy(),
-            np.stack([ctrl & _ONE, ctrl >> _ONE], axis=2),
-            words(21 + 17 * depth, 2),
+        depth, n = tree_depth(bits), len(keys)
+        fields = (
+            np.empty(n, np.uint64),
+            np.empty((n, 2), np.uint64),
+            np.empty((depth, n, 2), np.uint64),
+            np.empty((depth, n, 2), np.uint64),
+            np.empty((n, 2), np.uint64),
         )
+        if not _split_keys(
+            raw, np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8), *fields
+        ):
+            cls._raise_first_bad(keys)
+        return cls(bits, *fields)
 
     @staticmethod
     def _raise_first_bad(keys: Sequence[bytes]) -> None:
