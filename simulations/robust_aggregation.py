@@ -32,8 +32,9 @@ def run(strategy: str, faults: str, args: argparse.Namespace) -> dict:
             "strategy": strategy,
             "strategy_options": STRATEGY_OPTIONS[strategy],
             "faults": faults,
+            "max_update_norm": args.max_update_norm,
             "task_options": {"model": "mlp"},
-            "out": f"{args.runs}/{strategy}-{faults or 'clean'}".replace(":", "_"),
+            "out": f"{args.runs}/{strategy}-{faults or 'clean'}-{args.max_update_norm:g}",
         }
     )
     started = time.perf_counter()
@@ -52,6 +53,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--strategies", default=",".join(STRATEGY_OPTIONS))
     parser.add_argument("--attacks", default=",signflip:0.2,noise=1:0.2,scale:0.2")
+    parser.add_argument("--max-update-norm", type=float, default=10.0, help="0: no norm check")
     parser.add_argument("--runs", default="runs/robust")
     args = parser.parse_args()
     rows = []
@@ -60,12 +62,12 @@ def main() -> None:
             result = run(strategy, attack, args)
             rows.append((attack or "none", strategy, result))
             print(f"{attack or 'none':>14} {strategy:>14}: {result}", flush=True)
-    print("\n| poisoned clients | strategy | final accuracy | updates rejected | seconds |")
-    print("|---|---|---|---|---|")
+    print("\n| poisoned clients | max update norm | strategy | final accuracy | rejected | s |")
+    print("|---|---|---|---|---|---|")
     for attack, strategy, r in rows:
         print(
-            f"| {attack} | {strategy} | {r['accuracy']:.3f} | {r['rejected']} | "
-            f"{r['seconds']:.0f} |"
+            f"| {attack} | {args.max_update_norm:g} | {strategy} | {r['accuracy']:.3f} | "
+            f"{r['rejected']} | {r['seconds']:.0f} |"
         )
 
 
