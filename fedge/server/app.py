@@ -49,14 +49,14 @@ class RoundObserver(Grid):
 
     The strategy never knows it is there; the server reads device metrics and failures
     from what it saw. Training replies that fail `check` reach the strategy as error
-    replies (so they are never aggregated), and their reasons are kept in `rejected`.
+    replies naming the reason (so they are never aggregated), counted in `rejected`.
     """
 
     def __init__(self, grid: Grid, check: ReplyCheck | None = None) -> None:
         self.grid = grid
         self.check = check
         self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
-        self.rejected: list[str] = []  # "node N: reason", since the last take_rejected()
+        self.rejected = 0  # training replies refused since the last take_rejected()
 
     def set_run(self, run_id: int) -> None:
         self.grid.set_run(run_id)
@@ -98,7 +98,7 @@ class RoundObserver(Grid):
             reason = self.check(reply, sent[node]) if node in sent else None
             if reason:
                 console.print(f"rejected the update of node {node}: {reason}")
-                self.rejected.append(f"node {node}: {reason}")
+                self.rejected += 1
                 reply = error_reply(sent[node], f"update rejected by the server: {reason}")
             screened.append(reply)
         return screened
@@ -107,8 +107,8 @@ class RoundObserver(Grid):
         """The last round's replies of `kind`, and how many nodes never answered."""
         return self.last.pop(kind, ([], 0))
 
-    def take_rejected(self) -> list[str]:
-        rejected, self.rejected = self.rejected, []
+    def take_rejected(self) -> int:
+        rejected, self.rejected = self.rejected, 0
         return rejected
 
 
@@ -317,9 +317,10 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         replies, unanswered = observer.take(MessageType.TRAIN)
         train = summarize_train(replies)
         train["failures"] += unanswered  # a node that never answered failed too
-        rejected = observer.take_rejected()
+        if unanswered:
+            train["failure_reasons"].append(f"{unanswered} node(s) never answered")
         record = {"round": server_round, **metrics, **train, **label_skew(replies)}
-        record.update(rejected=len(rejected), rejected_reasons=rejected)
+        record["rejected"] = observer.take_rejected()
         record.update(client_drift(replies, sent["arrays"]))
         record.update(privacy_spent(strategy))
         if shadow is not None:

@@ -52,10 +52,20 @@ def _weighted(rows: list[dict[str, float]], key: str) -> float:
     return sum(r[key] * r.get(NUM_EXAMPLES, 0) for r in rows if key in r) / total
 
 
+def failure_reasons(replies: Iterable[Message]) -> list[str]:
+    """`node N: why` for every reply that carries an error."""
+    return [f"node {m.metadata.src_node_id}: {m.error.reason}" for m in replies if m.has_error()]
+
+
 def summarize_train(replies: Iterable[Message]) -> dict[str, Any]:
     """Aggregate the device metrics of a training round (means, maxima and totals)."""
+    replies = list(replies)
     rows, failed = _metrics(replies)
-    out: dict[str, Any] = {"num_clients": len(rows), "failures": failed}
+    out: dict[str, Any] = {
+        "num_clients": len(rows),
+        "failures": failed,
+        "failure_reasons": failure_reasons(replies),
+    }
     if not rows:
         return out
     seconds = [r.get("train_seconds", 0.0) for r in rows]

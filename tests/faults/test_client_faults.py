@@ -25,6 +25,7 @@ def test_killed_client_process_does_not_stop_the_run(tmp_path):
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
         assert record["failures"] >= 1  # the killed one (and any client sharing its actor)
+        assert any("client actor died" in why for why in record["failure_reasons"])
         assert record["num_clients"] >= 1
     assert history[-1]["accuracy"] > 0.5
 
@@ -35,6 +36,7 @@ def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
     )
     for record in history:
         assert record["failures"] == 1 and record["num_clients"] == 3
+        assert "no reply within the round timeout" in record["failure_reasons"][0]
         assert record["seconds"] < 80  # the round did not wait for the slow client
     assert history[-1]["accuracy"] > 0.5
 
@@ -42,3 +44,4 @@ def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
 def test_raising_client_is_a_failure_not_a_crash(tmp_path):
     history = simulate(small_run(tmp_path, num_clients=4, rounds=2, faults="crash:0.25"))
     assert [r["failures"] for r in history] == [1, 1]
+    assert all("simulated client crash" in r["failure_reasons"][0] for r in history)
