@@ -1,6 +1,7 @@
 """Fixtures of the fault-injection tests."""
 
 import subprocess
+import sys
 
 import pytest
 
@@ -14,3 +15,21 @@ def processes():
         if proc.poll() is None:
             proc.kill()
         proc.wait()
+
+
+@pytest.fixture
+def launch(tmp_path, processes):
+    """`launch(name, *args)` starts `fedge ARGS` with its output in `launch.logs / name`
+    (files, not pipes: nothing blocks on a full pipe); it is killed at the end."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+
+    def start(name: str, *args: str) -> subprocess.Popen:
+        with open(logs / name, "wb") as log:
+            cmd = [sys.executable, "-m", "fedge.cli", *args]
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        processes.append(proc)
+        return proc
+
+    start.logs = logs
+    return start

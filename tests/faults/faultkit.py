@@ -22,6 +22,7 @@ def small_run(out, **kw) -> RunConfig:
 
 
 def fedge_command(*args: str) -> list[str]:
+    """`fedge ARGS` as a command line for this Python."""
     return [sys.executable, "-m", "fedge.cli", *args]
 
 

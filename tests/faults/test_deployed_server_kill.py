@@ -4,37 +4,29 @@ carry on, and the history holds every round exactly once. Real processes on 127.
 
 import os
 import signal
-import subprocess
 import time
 
 import pytest
-from faultkit import fedge_command, rounds_of
+from faultkit import rounds_of
 
 from fedge.processes import free_port
 from fedge.server.certs import make_certs
 
 
 @pytest.mark.slow
-def test_kill_9_deployed_server_then_resume(tmp_path, processes):
+def test_kill_9_deployed_server_then_resume(tmp_path, launch):
     tls = make_certs(tmp_path / "tls", clients=2)
-    port, out, logs = free_port(), tmp_path / "run", tmp_path / "logs"
-    logs.mkdir()
+    port, out, logs = free_port(), tmp_path / "run", launch.logs
     secure = ["--tls", str(tls), "--auth", "--port", str(port)]
-
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(logs / name, "wb") as log:
-            proc = subprocess.Popen(fedge_command(*args), stdout=log, stderr=subprocess.STDOUT)
-        processes.append(proc)
-        return proc
 
     flags = ["--num-clients", "2", "--rounds", "3", "--local-epochs", "1", "--eval-fraction", "0"]
     flags += ["--task-option", "model=mlp", "--round-timeout", "300", "--out", str(out)]
-    server = start("server1", "server", *secure, *flags)
+    server = launch("server1", "server", *secure, *flags)
     while "enrolled 2 client keys" not in (logs / "server1").read_text():
         assert server.poll() is None, (logs / "server1").read_text()
         time.sleep(0.5)
     clients = [
-        start(
+        launch(
             f"client{i}",
             "client",
             *["--server", f"127.0.0.1:{port}", "--partition-id", str(i), "--num-partitions", "2"],
@@ -50,7 +42,7 @@ def test_kill_9_deployed_server_then_resume(tmp_path, processes):
     server.wait()
     assert rounds_of(out) and rounds_of(out)[-1] < 3
 
-    resumed = start("server2", "server", "--resume", str(out), *secure)
+    resumed = launch("server2", "server", "--resume", str(out), *secure)
     assert resumed.wait(timeout=900) == 0, (logs / "server2").read_text()[-2000:]
     assert rounds_of(out) == [1, 2, 3]
     assert "resuming" in (logs / "server2").read_text()

@@ -4,29 +4,22 @@ It is refused; the enrolled clients finish the run. Real processes on 127.0.0.1.
 import subprocess
 import time
 
-from faultkit import fedge_command, rounds_of
+from faultkit import rounds_of
 
 from fedge.processes import free_port
 from fedge.server.certs import client_key, make_certs
 
 
-def test_unenrolled_client_is_refused_while_the_run_goes_on(tmp_path, processes):
+def test_unenrolled_client_is_refused_while_the_run_goes_on(tmp_path, launch):
     tls = make_certs(tmp_path / "tls", clients=2)
     intruder = client_key(tmp_path / "intruder")  # a valid key pair, but never enrolled
     port, out = free_port(), tmp_path / "run"
     server_flags = ["--tls", str(tls), "--auth", "--port", str(port), "--out", str(out)]
     server_flags += ["--num-clients", "2", "--rounds", "2", "--local-epochs", "1"]
     server_flags += ["--eval-fraction", "0", "--task-option", "model=mlp", "--round-timeout", "300"]
-    logs = tmp_path / "logs"
-    logs.mkdir()
+    logs = launch.logs
 
-    def start(name: str, *args: str) -> subprocess.Popen:
-        with open(logs / name, "wb") as log:  # files, not pipes: nothing blocks on a full pipe
-            proc = subprocess.Popen(fedge_command(*args), stdout=log, stderr=subprocess.STDOUT)
-        processes.append(proc)
-        return proc
-
-    server = start("server", "server", *server_flags)
+    server = launch("server", "server", *server_flags)
     deadline = time.monotonic() + 120
     while "enrolled 2 client keys" not in (logs / "server").read_text():
         assert server.poll() is None and time.monotonic() < deadline, (logs / "server").read_text()
@@ -35,7 +28,7 @@ def test_unenrolled_client_is_refused_while_the_run_goes_on(tmp_path, processes)
     def client(name: str, partition: int, key) -> subprocess.Popen:
         flags = ["--server", f"127.0.0.1:{port}", "--partition-id", str(partition)]
         flags += ["--num-partitions", "2", "--tls", str(tls), "--auth-key", str(key)]
-        return start(name, "client", *flags)
+        return launch(name, "client", *flags)
 
     stranger = client("stranger", 1, intruder)
     members = [client(f"member{i}", i, tls / "clients" / f"client_{i}") for i in (0, 1)]
