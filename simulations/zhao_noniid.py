@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,9 @@ PAPER_SHARED = "CIFAR-10 1-class: +~30 points with 5% shared data (beta = 1)"
 LABELS = {"iid": "IID", "label-k:2": "2-class non-IID", "label-k:1": "1-class non-IID"}
 STRATEGIES = ("fedprox", "scaffold", "fednova")
 ALPHAS = (0.05, 0.1, 0.2)
+# The headline settings also run with more seeds (key@seedN), for a spread on the drop.
+HEADLINE = ("iid", "label-k:2", "label-k:1", "label-k:1+G0.05")
+ACC_SEEDS = (0, 1, 2)
 # The divergence sweep: partitions spread along the EMD axis, several seeds each.
 DIV_PARTITIONS = (
     "iid",
@@ -118,6 +122,10 @@ def accuracy_plan(task: str, base: dict[str, Any]) -> dict[str, tuple[str, dict[
         plan[f"label-k:1/{s}"] = (f"{task}-1class-{s}", {**one, "strategy": s})
     no_warm = {**one, "shared_fraction": ALPHAS[0]}
     plan[f"label-k:1+G{ALPHAS[0]}/no-warm-up"] = (f"{task}-1class-G{ALPHAS[0]}-nowarm", no_warm)
+    for seed in ACC_SEEDS[1:]:
+        for key in HEADLINE:
+            name, settings = plan[key]
+            plan[f"{key}@seed{seed}"] = (f"{name}-s{seed}", {**settings, "seed": seed})
     return plan
 
 
@@ -266,39 +274,53 @@ def pct(history: list[dict[str, Any]]) -> float:
     return 100 * history[-1]["accuracy"]
 
 
+def seed_runs(accuracy: dict[str, list[dict]], key: str) -> list[list[dict]]:
+    """The runs of one setting: seed 0's and those of the extra seeds (key@seedN)."""
+    return [h for k, h in accuracy.items() if k == key or k.startswith(key + "@")]
+
+
 def accuracy_table(task: str, accuracy: dict[str, list[dict]]) -> tuple[list[str], dict]:
     """Markdown rows for the accuracy runs and the headline numbers."""
     if "iid" not in accuracy:
         return [], {}
     iid = pct(accuracy["iid"])
     lines = [
-        f"### {task}: accuracy ({len(accuracy['iid'])} rounds, seed 0)",
+        f"### {task}: accuracy ({len(accuracy['iid'])} rounds)",
         "",
-        "| setting | EMD (mean) | accuracy (%), last round | mean of last 3 | change vs IID |"
-        " paper |",
-        "|---|---|---|---|---|---|",
+        "| setting | EMD (mean) | accuracy (%), last round, seed 0 | mean of last 3 |"
+        " change vs IID | last round, mean ± sd over seeds | paper |",
+        "|---|---|---|---|---|---|---|",
     ]
     for key, history in accuracy.items():
+        if "@" in key:
+            continue
         label = LABELS.get(key, key.replace("label-k:1", "1-class"))
         emd = history[-1].get("emd_mean")
         shown = f"{emd:.2f}" if emd is not None else "n/a"
         ref = {"label-k:1": f"-{PAPER_DROP[task]}", "label-k:1+G0.05": PAPER_SHARED}.get(key, "")
         last3 = sum(100 * r["accuracy"] for r in history[-3:]) / len(history[-3:])
+        runs = [pct(h) for h in seed_runs(accuracy, key)]
+        spread = f"{np.mean(runs):.1f} ± {np.std(runs):.1f} ({len(runs)})" if len(runs) > 1 else ""
         lines.append(
             f"| {label} | {shown} | {pct(history):.1f} | {last3:.1f} | {pct(history) - iid:+.1f}"
-            f" | {ref} |"
+            f" | {spread} | {ref} |"
         )
-    summary: dict[str, float] = {}
+    summary: dict[str, Any] = {}
     if "label-k:1" in accuracy and "label-k:1+G0.05" in accuracy:
-        one = pct(accuracy["label-k:1"])
-        drop = iid - one
-        recovered = (pct(accuracy["label-k:1+G0.05"]) - one) / drop if drop > 0 else float("nan")
-        summary = {"drop": drop, "recovered": recovered}
-        lines += [
-            "",
-            f"- 1-class drop: {drop:.1f} points (paper: {PAPER_DROP[task]}); 5% shared data "
-            f"recovers {100 * recovered:.0f}% of it (expected >= 50%; paper: {PAPER_SHARED}).",
-        ]
+        choices = (("seed 0", lambda k: [accuracy[k]]), ("seed mean", partial(seed_runs, accuracy)))
+        for name, runs_of in choices:
+            iid_m, one, g5 = (
+                float(np.mean([pct(h) for h in runs_of(k)]))
+                for k in ("iid", "label-k:1", "label-k:1+G0.05")
+            )
+            drop = iid_m - one
+            recovered = (g5 - one) / drop if drop > 0 else float("nan")
+            summary[name] = {"drop": drop, "recovered": recovered}
+            lines += [
+                f"- {name}: 1-class drop {drop:.1f} points (paper: {PAPER_DROP[task]}); 5% shared"
+                f" data recovers {100 * recovered:.0f}% of it (expected >= 50%; paper:"
+                f" {PAPER_SHARED})."
+            ]
     return lines + [""], summary
 
 
@@ -385,7 +407,10 @@ def plots(task: str, results: dict[str, Any], out: Path) -> list[Path]:
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
         groups = [
             ("partition (FedAvg)", [k for k in ("iid", "label-k:2", "label-k:1") if k in accuracy]),
-            ("1-class + shared G", ["label-k:1"] + [k for k in accuracy if "+G" in k]),
+            (
+                "1-class + shared G",
+                ["label-k:1"] + [k for k in accuracy if "+G" in k and "@" not in k],
+            ),
             (
                 "1-class, strategy",
                 ["label-k:1"] + [k for k in accuracy if "/" in k and "+G" not in k],

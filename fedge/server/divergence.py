@@ -8,6 +8,10 @@ weight divergence from centralized SGD.
   the same initial weights; as in Zhao et al.'s analysis, m rounds of T local steps are
   matched with mT centralized steps (same batch size, learning rate and momentum);
   ||w_FedAvg - w_SGD|| / ||w_SGD|| per layer and for the whole model (simulation only).
+- `sgd_replicas`, `mean_state`, `sgd_noise`, `fedavg_steps`: the offline protocol of
+  simulations/zhao_noniid.py: divergence against the mean of several SGD runs (different
+  data orders), SGD's own run-to-run spread as the noise floor, and steps matched to what
+  FedAvg's n_k-weighted average amounts to.
 """
 
 from __future__ import annotations
