@@ -16,8 +16,6 @@ replies in flight, which become error replies; the actor is replaced.
 from __future__ import annotations
 
 import collections
-import ctypes
-import ctypes.util
 import logging
 import os
 import pickle
@@ -45,12 +43,21 @@ from fedge.server.local_grid import (
 
 log = logging.getLogger("fedge")
 DEFAULT_CLIENT_APP = "fedge.client.app:app"
-# A batch's replies travel inside the call's answer up to this size (on a Ray instance that
-# fedge starts), not through the shared-memory object store: the store never reuses freed
-# pages quickly, so every model that passed through it stayed resident in the writer and
-# the reader, and a 4 MB model cost more memory than Flower's run_simulation.
+# Memory on a Ray instance that fedge starts. Every page of the shared-memory object store
+# that a process touched stays in its resident set, and Ray frees dead objects in batches
+# (once a second), so the store kept handing out fresh pages: each 4 MB reply stayed
+# resident in the actor that wrote it and in the driver, above Flower's run_simulation.
+# So a batch's replies travel inside the call's answer (up to INLINE_BYTES), and the few
+# objects still stored (one model per round) are freed at once, so their pages are reused.
 INLINE_BYTES = 64 << 20
-BATCH_BYTES = 8 << 20  # about this much reply content per actor call (at least one message)
+MEMORY_CONFIG = {
+    "max_direct_call_object_size": INLINE_BYTES,
+    "task_rpc_inlined_bytes_limit": INLINE_BYTES,
+    "free_objects_period_milliseconds": 0,
+}
+# About this much reply content per actor call (at least one message): larger inline
+# answers cost more CPU than they save in calls.
+BATCH_BYTES = 8 << 20
 
 
 class NodeStateStore:
@@ -108,7 +115,8 @@ class WorkItem:
 
 @ray.remote
 class ClientWorker:
-    """Runs the ClientApp for batches of virtual nodes; holds nothing between batches."""
+    """Runs the ClientApp for batches of virtual nodes; keeps nothing between batches but
+    the round's shared content."""
 
     def __init__(self, app_spec: str, run_id: int, num_nodes: int, threads: int) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -117,12 +125,24 @@ class ClientWorker:
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.run_id = run_id
         self.num_nodes = num_nodes
+        self.content_id, self.content = "", RecordDict()
         claim_server_identity(run_id)  # to rebuild the instruction messages here
 
     def ready(self) -> bool:
         return True
 
-    def run(self, content: RecordDict, items: list[WorkItem]) -> list[tuple[Message, bytes | None]]:
+    def round_content(self, boxed: list[Any]) -> RecordDict:
+        """The round's shared content, fetched and unpickled once per actor, not per batch.
+        The clients an actor serves share it: ClientApps read a message, never write it."""
+        ref = boxed[0]  # boxed, so that Ray hands over the reference, not the object
+        if self.content_id != ref.hex():
+            self.content = None  # drop the last round's copy before fetching this one
+            self.content = ray.get(ref)
+            self.content_id = ref.hex()
+        return self.content
+
+    def run(self, boxed: list[Any], items: list[WorkItem]) -> list[tuple[Message, bytes | None]]:
+        content = self.round_content(boxed)
         out = []
         for item in items:
             msg = Message(
@@ -137,7 +157,6 @@ class ClientWorker:
             reply = call_client_app(self.app, msg, ctx)
             new_state = pickle.dumps(ctx.state) if len(ctx.state) else None
             out.append((reply, new_state))
-        release_free_memory()
         return out
 
 
@@ -245,10 +264,9 @@ class RayGrid(VirtualGrid):
             )
             for m in msgs
         ]
-        return actor.run.remote(ref, items)
+        return actor.run.remote([ref], items)
 
     def _dispatch(self, messages: list[Message], deadline: float) -> dict[str, Message]:
-        release_free_memory()  # what the last round's batches left in malloc's free lists
         pending = collections.deque(self._batches(messages))
         idle = list(self.actors)
         running: dict[Any, tuple[Any, list[Message]]] = {}
@@ -316,21 +334,6 @@ class RayGrid(VirtualGrid):
         self.actors = []
 
 
-def _malloc_trim() -> Any:
-    libc = ctypes.util.find_library("c")
-    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
-
-
-_MALLOC_TRIM = _malloc_trim()
-
-
-def release_free_memory() -> None:
-    """Give freed heap pages back to the OS (glibc keeps them per thread arena, so a few
-    batches of 4 MB replies otherwise stay resident); a no-op where malloc_trim is absent."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 def array_bytes(content: RecordDict) -> int:
     """Bytes of model arrays in a message: a reply to it is about as large."""
     return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
@@ -360,13 +363,11 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         # workers import what the driver can: its own source folders (not site-packages)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(_source_paths())}}
         # "local": a fresh instance even when a `ray start` cluster runs on this machine
-        inline = {"max_direct_call_object_size": INLINE_BYTES}
-        inline["task_rpc_inlined_bytes_limit"] = INLINE_BYTES
         ray.init(
             "local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
-            _system_config=inline,
+            _system_config=MEMORY_CONFIG,
             **kwargs,
         )
 
