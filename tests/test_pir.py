@@ -113,6 +113,28 @@ def test_subtrees_below_any_level_make_up_the_full_expansion(domain_bits):
         node_seeds(batch, tree_depth(domain_bits) + 1)
 
 
+def test_answer_many_equals_one_answer_per_table():
+    """Bins of one domain size answered together, a table of another size, a big table with
+    its own chunked pass: the same answers as one `answer` call each."""
+    rng = np.random.default_rng(11)
+    shapes = [(480, 16), (481, 16), (300, 16), (2048, 16), (1 << 15, 8), (5, 3)]
+    tables = [rng.integers(0, 2**63, s, dtype=np.uint64) for s in shapes]
+    servers = [pir.PIRServer(t, party=0) for t in tables]
+    keys = [
+        pir.query(rng.integers(0, t.shape[0], n), t.shape[0])[0]
+        for t, n in zip(tables, [32, 1, 7, 40, 130, 2], strict=True)
+    ]
+    got = pir.answer_many(servers, keys)
+    for server, k, answer in zip(servers, keys, got, strict=True):
+        assert np.array_equal(answer, server.answer(k))
+    bad = [keys[0], [keys[1][0][:-1]]]
+    with pytest.raises(ValueError, match="key 0: DPF key for a 2\\^9 domain must be"):
+        pir.answer_many(servers[:2], bad)
+    _, other_party = pir.query([1], 480)
+    with pytest.raises(ValueError, match="party"):
+        pir.answer_many(servers[:2], [keys[0], other_party])
+
+
 def _torch_devices():
     torch = pytest.importorskip("torch")
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]

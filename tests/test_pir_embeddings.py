@@ -11,7 +11,7 @@ from fedge.privacy.service import _REQ, _RESP
 
 def test_private_embeddings_give_the_local_perplexity(tmp_path):
     run = subprocess.run(
-        [sys.executable, "simulations/pir_embeddings.py", "--steps", "30", "--tokens", "256"]
+        [sys.executable, "simulations/pir_embeddings.py", "--steps", "20", "--tokens", "128"]
         + ["--out", str(tmp_path)],
         capture_output=True,
         text=True,
@@ -22,10 +22,10 @@ def test_private_embeddings_give_the_local_perplexity(tmp_path):
     assert r["rows_exact"] and r["perplexity_equal"]
     assert r["perplexity_pir"] == r["perplexity_local"] < 256  # trained below uniform bytes
     # a fixed budget: one query per token, whatever the number of distinct tokens
-    assert r["tokens"] == 256 and r["pir_queries"] == 256
+    assert r["tokens"] == 128 and r["pir_queries"] == 128
     assert r["distinct_rows_per_window"] < 64
     # traffic: one request and one answer per server, key and row sizes as the protocol says
-    assert r["bytes_up"] == 2 * (_REQ.size + 256 * key_size(8))
-    assert r["bytes_down"] == 2 * (_RESP.size + 256 * r["row_bytes"])
+    assert r["bytes_up"] == 2 * (_REQ.size + 128 * key_size(8))
+    assert r["bytes_down"] == 2 * (_RESP.size + 128 * r["row_bytes"])
     assert r["device_parameters"] == r["model_parameters"] - r["table_bytes"] // 4
     assert "bit-exact" in run.stdout

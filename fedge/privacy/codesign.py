@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedge.privacy.pir import PIRServer, query, reconstruct
+from fedge.privacy.pir import PIRServer, answer_many, query, reconstruct
 
 
 @dataclass(frozen=True)
@@ -127,16 +127,19 @@ def serve_pair(tables: list[np.ndarray]) -> tuple[list[PIRServer], list[PIRServe
 def fetch(
     layout: Layout, plans: list[Plan], servers: tuple[list[PIRServer], list[PIRServer]]
 ) -> dict[int, np.ndarray]:
-    """Run a batch of plans through real PIR (each table answers the whole batch in one pass)
-    and return global id -> row for every row the plans cover."""
+    """Run a batch of plans through real PIR (each party answers all tables in one
+    `answer_many` call, each table one pass for the whole batch) and return global id -> row
+    for every row the plans cover."""
     out: dict[int, np.ndarray] = {}
     half = layout.design.colocate
-    for t, (server_a, server_b) in enumerate(zip(*servers, strict=True)):
-        idx = np.concatenate([p.queries[t] for p in plans])
-        if idx.size == 0:
-            continue
-        keys_a, keys_b = query(idx, server_a.spec.num_rows)
-        rows = reconstruct(server_a.answer(keys_a), server_b.answer(keys_b), server_a.spec)
+    idx = [np.concatenate([p.queries[t] for p in plans]) for t in range(len(servers[0]))]
+    used = [t for t, i in enumerate(idx) if i.size]
+    keys = [query(idx[t], servers[0][t].spec.num_rows) for t in used]
+    answers = [
+        answer_many([servers[party][t] for t in used], [k[party] for k in keys]) for party in (0, 1)
+    ]
+    for t, a, b in zip(used, *answers, strict=True):
+        rows = reconstruct(a, b, servers[0][t].spec)
         ids = np.concatenate([p.wanted[t] for p in plans])
         for i, row in zip(ids, rows, strict=True):
             if i < 0:

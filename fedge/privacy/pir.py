@@ -301,27 +301,34 @@ def plan_pass(rows: int, words: int, queries: int, domain_bits: int) -> PassPlan
     return PassPlan(domain_bits - log_chunk, 1 << log_chunk, -(-rows // (1 << log_chunk)), threads)
 
 
+def _kernel_name(kernel: str, queries: int) -> str:
+    if kernel == "auto":
+        return "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
+    return kernel
+
+
+def _accumulators(queries: int, width: int, kernel: str) -> np.ndarray:
+    """Zeroed answers; the gray kernel's rows are whole 64-byte slabs (padding cut off later)."""
+    return np.zeros((queries, -(-width // 8) * 8 if kernel == "gray" else width), np.uint64)
+
+
 def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
     """E @ T over GF(2): table (rows, words) uint64, the keys' answers (queries, words).
 
     One pass, the expansion chunked into it (see `plan_pass`): a chunk's bits come from
     `expand_below` for all keys at once (one AES call per level), right before the kernel XORs
     its rows in. Chunks past the last row (the padding to a power of two) are never expanded."""
-    queries = len(batch)
-    if kernel == "auto":
-        kernel = "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
+    queries, width = len(batch), table.shape[1]
+    kernel = _kernel_name(kernel, queries)
     plan = plan_pass(*table.shape, queries, batch.domain_bits)
     seeds, t = node_seeds(batch, plan.level)
     seeds, t = seeds.transpose(1, 0, 2).copy(), t.T.copy()  # by node: one chunk contiguous
     ids, fn, chunk = itertools.count(), KERNELS[kernel], plan.chunk
 
-    width = table.shape[1]
-    padded = -(-width // 8) * 8 if kernel == "gray" else width  # whole 64-byte slabs
-
     def work() -> np.ndarray:
-        acc, space = np.zeros((queries, padded), np.uint64), thread_workspace()
+        acc, space = _accumulators(queries, width, kernel), thread_workspace()
         while (j := next(ids)) < plan.count:  # itertools.count hands out each chunk once
             bits = expand_below(batch, seeds[j][:, None], t[j][:, None], plan.level, space, False)
             part = table[j * chunk : (j + 1) * chunk]
@@ -334,11 +341,47 @@ def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np
     return np.bitwise_xor.reduce([job.result() for job in jobs])[:, :width]
 
 
+def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -> list[np.ndarray]:
+    """[server.answer(k) for server, k in zip(servers, keys)], with the fixed cost of many small
+    passes (a co-design's bins) paid once: the keys of small CPU tables of one domain size are
+    decoded and expanded together (one AES call per tree level for all), then each table's
+    kernel runs over its own rows for its own keys. Big tables get their own chunked pass."""
+    if len(servers) != len(keys):
+        raise ValueError(f"{len(servers)} servers but {len(keys)} key lists")
+    out: list[np.ndarray | None] = [None] * len(servers)
+    groups: dict[int, list[int]] = {}
+    for i, (server, k) in enumerate(zip(servers, keys, strict=True)):
+        plan = plan_pass(*server.words.shape, max(len(k), 1), server.spec.domain_bits)
+        if server._torch is None and len(k) and plan.count == 1 and plan.threads == 1:
+            groups.setdefault(server.spec.domain_bits, []).append(i)
+        else:
+            out[i] = server.answer(k)
+    for members in groups.values():
+        try:
+            batch = as_batch([key for i in members for key in keys[i]])
+        except ValueError:  # name the table and key: check each list on its own
+            for i in members:
+                servers[i].check(keys[i])
+            raise
+        bits = expand_below(batch, batch.seed[:, None, :], batch.party.reshape(-1, 1), 0)
+        lo = 0
+        for i in members:
+            hi = lo + len(keys[i])
+            server, kernel = servers[i], _kernel_name("auto", hi - lo)
+            server.check(batch.take(slice(lo, hi)))
+            acc = _accumulators(hi - lo, server.words.shape[1], kernel)
+            KERNELS[kernel](server.words, bits[lo:hi], acc, 0, server.words.shape[0])
+            out[i], lo = acc[:, : server.words.shape[1]], hi
+    return out
+
+
 def default_device() -> str:
     """ "cuda" when torch sees a GPU, else "cpu"; the FEDGE_PIR_DEVICE variable overrides."""
     choice = os.environ.get("FEDGE_PIR_DEVICE", "auto")
     if choice != "auto":
         return choice
+    if not any(os.path.exists(d) for d in ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")):
+        return "cpu"  # no GPU device node: skip importing torch (seconds at server start)
     try:
         import torch
     except ImportError:
