@@ -173,7 +173,7 @@ class Progress:
     """Numbered progress lines with elapsed time."""
 
     def __init__(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.perf_counter()
+        self.total, self.done, self.reused, self.start = total, 0, 0, time.perf_counter()
 
     def __call__(self, text: str) -> None:
         self.done += 1
@@ -189,6 +189,7 @@ def run(
     out = runs / name
     history = finished(out, settings)
     if history is not None or report_only:
+        progress.reused += history is not None
         progress(f"{name}: {'done before, skipped' if history else 'not run'}")
         return history
     started = time.perf_counter()
@@ -307,6 +308,7 @@ def accuracy_table(task: str, accuracy: dict[str, list[dict]]) -> tuple[list[str
         )
     summary: dict[str, Any] = {}
     if "label-k:1" in accuracy and "label-k:1+G0.05" in accuracy:
+        lines.append("")
         choices = (("seed 0", lambda k: [accuracy[k]]), ("seed mean", partial(seed_runs, accuracy)))
         for name, runs_of in choices:
             iid_m, one, g5 = (
@@ -533,7 +535,8 @@ def main() -> None:
     minutes = (time.perf_counter() - started) / 60
     header = (
         f"Command (2-core CPU sandbox, shared with other jobs): `{command.strip()}`"
-        f" ({minutes:.0f} min for this invocation; runs already in --runs were reused)\n\n"
+        f" ({minutes:.0f} min for this invocation, which reused {progress.reused} of"
+        f" {progress.total} runs finished in {runs})\n\n"
     )
     (out / "zhao_tables.md").write_text(header + "\n".join(sections))
 
