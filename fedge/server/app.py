@@ -324,8 +324,10 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         record.update(client_drift(replies, sent["arrays"]))
         record.update(privacy_spent(strategy))
         if shadow is not None:
-            steps = [int(m.content["metrics"]["steps"]) for m in replies if not m.has_error()]
-            steps = round(sum(steps) / max(len(steps), 1))  # Zhao: T local steps <-> T SGD steps
+            # Zhao: T local steps <-> T SGD steps; FedAvg weights client k by n_k, so do we
+            ok = [m.content["metrics"] for m in replies if not m.has_error()]
+            weights = [float(r["num-examples"]) for r in ok]
+            steps = round(np.average([r["steps"] for r in ok], weights=weights)) if ok else 0
             lr = cfg.lr * cfg.lr_decay ** (server_round - 1)
             record.update(weight_divergence(arrays, shadow.step(server_round, steps, lr)))
         sent["arrays"] = arrays
