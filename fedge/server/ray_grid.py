@@ -52,7 +52,7 @@ DEFAULT_CLIENT_APP = "fedge.client.app:app"
 MEMORY_CONFIG = {"free_objects_period_milliseconds": 0, "prestart_worker_first_driver": False}
 # About this much reply content per actor call (at least one message). Measured with a 4 MB
 # model on 2 cores: 32 MB batches kept the speed of 52 MB ones for 0.25 GiB less memory;
-# 16-24 MB batches cost 20-50% more CPU.
+# 16-24 MB batches cost 18-28% more CPU.
 BATCH_BYTES = 32 << 20
 
 
