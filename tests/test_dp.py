@@ -3,8 +3,8 @@
 import math
 
 import torch
+from runkit import small_run
 
-from fedge.config import RunConfig
 from fedge.server.app import simulate
 from fedge.strategies.dp import clip_update
 from fedge.tasks import build_task
@@ -28,20 +28,7 @@ def rdp_gaussian_epsilon(noise: float, releases: int, delta: float) -> float:
 
 def test_dp_run_reports_growing_epsilon_and_sends_clipped_updates(run_dir):
     clip, noise, delta = 0.5, 1.0, 1e-5
-    cfg = RunConfig.from_mapping(
-        dict(
-            backend="local",
-            num_clients=4,
-            rounds=2,
-            local_epochs=1,
-            eval_fraction=0,
-            task_options={"model": "mlp"},
-            dp_noise=noise,
-            dp_clip=clip,
-            dp_delta=delta,
-            out=str(run_dir),
-        )
-    )
+    cfg = small_run(run_dir, dp_noise=noise, dp_clip=clip, dp_delta=delta)
     history = simulate(cfg)
     eps = [r["dp_epsilon"] for r in history]
     assert 0 < eps[0] < eps[1] < math.inf

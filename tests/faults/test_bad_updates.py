@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from faultkit import small_run
+from runkit import small_run
 
 from fedge.server.app import simulate
 

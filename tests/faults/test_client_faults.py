@@ -2,7 +2,7 @@
 mid-round, a client slower than the round timeout, a client that raises."""
 
 import pytest
-from faultkit import small_run
+from runkit import small_run
 
 from fedge.server.app import simulate
 

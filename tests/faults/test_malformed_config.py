@@ -3,7 +3,8 @@ wrong, before touching anything; a bad flag on `--resume` leaves the run's files
 
 import subprocess
 
-from faultkit import fedge_command, small_run
+from faultkit import fedge_command
+from runkit import small_run
 
 from fedge.cli import main
 from fedge.server.app import simulate

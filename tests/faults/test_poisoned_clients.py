@@ -2,7 +2,7 @@
 FedAvg is dragged to a standstill; robust aggregation still learns."""
 
 import pytest
-from faultkit import small_run
+from runkit import small_run
 
 from fedge.server.app import simulate
 

@@ -6,7 +6,8 @@ import subprocess
 import time
 
 import torch
-from faultkit import fedge_command, rounds_of, small_run
+from faultkit import fedge_command, rounds_of
+from runkit import small_run
 
 from fedge.cli import main
 from fedge.server.app import simulate

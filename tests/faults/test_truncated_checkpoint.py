@@ -1,7 +1,8 @@
 """Fault: the newest checkpoint is truncated; `--resume` falls back a round and redoes it."""
 
 import torch
-from faultkit import rounds_of, small_run
+from faultkit import rounds_of
+from runkit import small_run
 
 from fedge.cli import main
 from fedge.server.app import simulate
