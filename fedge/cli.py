@@ -138,9 +138,9 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from fedge.server.certs import make_certs
+    from fedge.server.certs import DEFAULT_HOSTS, make_certs
 
-    out = make_certs(args.dir, hosts=args.host or ["127.0.0.1", "localhost"], clients=args.clients)
+    out = make_certs(args.dir, hosts=args.host or DEFAULT_HOSTS, clients=args.clients)
     print(f"CA, server certificate and {args.clients} client key(s) in {out}/")
     print(f"  server: fedge server --tls {out} [--auth]")
     print(f"  client: fedge client --tls DIR_WITH_CA_CRT --auth-key {out}/clients/client_I ...")

@@ -23,14 +23,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedge.client.faults import (
-    Fault,
-    corrupt,
-    corrupt_record,
-    fault_for,
-    misbehave,
-    parse_fault,
-)
+from fedge.client.faults import Fault, fault_for, faulty_arrays, parse_fault
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
 from fedge.strategies.dp import DP_WEIGHT, KEY_CLIPPING_NORM, clip_update
@@ -154,21 +147,18 @@ def client_fault(config: ConfigRecord, node_config: dict[str, Any]) -> Fault | N
     )
 
 
-def outgoing_state(
+def outgoing_arrays(
     model: nn.Module, sent: ArrayRecord, config: ConfigRecord, fault: Fault | None
-) -> dict[str, torch.Tensor]:
+) -> ArrayRecord:
     """The weights this client sends: clipped for differential privacy if the server asks,
     then corrupted if the node simulates a fault."""
     state = exchanged_state(model.to("cpu"))
     if KEY_CLIPPING_NORM not in config and fault is None:
-        return state
+        return ArrayRecord(state)
     global_state = sent.to_torch_state_dict()
     if KEY_CLIPPING_NORM in config:
         state = clip_update(state, global_state, float(config[KEY_CLIPPING_NORM]))
-    if fault is not None:
-        misbehave(fault)
-        state = corrupt(fault, state, global_state)
-    return state
+    return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
 app = ClientApp()
@@ -192,9 +182,7 @@ def train(msg: Message, context: Context) -> Message:
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
     fault = client_fault(config, context.node_config)
-    arrays = ArrayRecord(outgoing_state(model, msg.content["arrays"], config, fault))
-    if fault is not None:
-        arrays = corrupt_record(fault, arrays)
+    arrays = outgoing_arrays(model, msg.content["arrays"], config, fault)
     train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {

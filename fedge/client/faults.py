@@ -138,12 +138,20 @@ def corrupt(
     return out
 
 
-def corrupt_record(fault: Fault, arrays: ArrayRecord) -> ArrayRecord:
-    """For `corrupt`: the record with its first tensor's payload cut in half."""
-    if fault.kind != "corrupt" or not len(arrays):
-        return arrays
+def _cut_payload(arrays: ArrayRecord) -> ArrayRecord:
+    """The record with its first tensor's bytes cut in half (fault `corrupt`)."""
     out = ArrayRecord({k: arrays[k] for k in arrays})
     key = next(iter(arrays))
     a = arrays[key]
     out[key] = Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=a.data[: len(a.data) // 2])
     return out
+
+
+def faulty_arrays(
+    fault: Fault, state: dict[str, torch.Tensor], sent: dict[str, torch.Tensor]
+) -> ArrayRecord:
+    """What a client with `fault` replies instead of `state`: after sleeping or raising
+    (`misbehave`), the tensors corrupted, then, for `corrupt`, the encoded bytes."""
+    misbehave(fault)
+    arrays = ArrayRecord(corrupt(fault, state, sent))
+    return _cut_payload(arrays) if fault.kind == "corrupt" and len(arrays) else arrays

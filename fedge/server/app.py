@@ -260,11 +260,18 @@ def build_run_strategy(cfg: RunConfig) -> Strategy:
 
 
 def update_check(cfg: RunConfig, model: torch.nn.Module) -> ReplyCheck:
-    """Validation of a training reply against the server's model and the weights sent."""
+    """Validation of a training reply against the server's model and the weights sent.
+
+    A round's instructions share one ArrayRecord: it is decoded once, not once per reply.
+    """
     reference = ArrayRecord(exchanged_state(model))
+    decoded: dict[str, Any] = {"record": None, "values": None}
 
     def check(reply: Message, instruction: Message) -> str | None:
-        return check_update(reply, instruction.content["arrays"], reference, cfg.max_update_norm)
+        sent = instruction.content["arrays"]
+        if decoded["record"] is not sent:
+            decoded.update(record=sent, values={k: a.numpy() for k, a in sent.items()})
+        return check_update(reply, decoded["values"], reference, cfg.max_update_norm)
 
     return check
 
@@ -287,7 +294,8 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         done, saved, history.records = resume_point(out, model, records)
         strategy = saved or strategy
         console.print(f"fedge: resuming {out} after round {done} of {cfg.rounds}")
-        if done >= cfg.rounds:
+        if done >= cfg.rounds:  # the run had finished; it may have died before its last save
+            torch.save(model.state_dict(), out / "final_model.pt")
             return history.records
     fed = server_federation(task, cfg) if cfg.warmup_epochs or cfg.track_divergence else None
     if cfg.warmup_epochs and not done:

@@ -25,6 +25,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 VALID_DAYS = 365
+DEFAULT_HOSTS = ("127.0.0.1", "localhost")  # what the server certificate is valid for
 
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
@@ -76,9 +77,7 @@ def _certificate(
     return builder.sign(issuer_key, hashes.SHA256())
 
 
-def make_certs(
-    out: str | Path, hosts: Sequence[str] = ("127.0.0.1", "localhost"), clients: int = 0
-) -> Path:
+def make_certs(out: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, clients: int = 0) -> Path:
     """Write the CA, the server certificate for `hosts` and `clients` client key pairs."""
     out = Path(out)
     if (out / "ca.key").exists():

@@ -7,6 +7,8 @@ update whose norm ||w_k - w_t|| is more than `max_update_norm` times ||w_t||.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
@@ -30,41 +32,52 @@ def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
     return None
 
 
-def non_finite(arrays: ArrayRecord) -> str | None:
-    """The first tensor holding NaN or Inf (or that cannot be decoded), if any."""
+def decode_finite(arrays: ArrayRecord) -> tuple[dict[str, np.ndarray], str | None]:
+    """The record's tensors as numpy arrays, and the first that holds NaN or Inf or cannot
+    be decoded (then the arrays are incomplete)."""
+    values: dict[str, np.ndarray] = {}
     for key, array in arrays.items():
         try:
-            values = array.numpy()
+            values[key] = array.numpy()
         except Exception as exc:  # a corrupt payload must not stop the round
-            return f"{key}: cannot be decoded ({exc})"
-        if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-            bad = int((~np.isfinite(values)).sum())
-            return f"{key}: {bad} NaN/Inf value(s)"
-    return None
+            return values, f"{key}: cannot be decoded ({exc})"
+        if np.issubdtype(values[key].dtype, np.floating) and not np.isfinite(values[key]).all():
+            bad = int((~np.isfinite(values[key])).sum())
+            return values, f"{key}: {bad} NaN/Inf value(s)"
+    return values, None
 
 
 def check_update(
-    reply: Message, sent: ArrayRecord, reference: ArrayRecord, max_update_norm: float
+    reply: Message,
+    sent: Mapping[str, np.ndarray],
+    reference: ArrayRecord,
+    max_update_norm: float,
 ) -> str | None:
     """Why this training reply must not reach aggregation, or None if it may.
 
-    `sent` is the global model the client trained from; `reference` is the server's own
-    model (its shapes and dtypes: FedAvg may have turned integer buffers into floats in
-    `sent`); `max_update_norm` <= 0 switches the norm check off.
+    `sent` is the global model the client trained from (decoded once per round by the
+    caller); `reference` is the server's own model (its shapes and dtypes: FedAvg may have
+    turned integer buffers into floats in `sent`); `max_update_norm` <= 0 switches the norm
+    check off.
     """
     if reply.has_error():
         return None  # already a failure
     if MODEL_RECORD not in reply.content.array_records:
         return f"the reply has no {MODEL_RECORD!r} ArrayRecord"
-    arrays = reply.content.array_records[MODEL_RECORD]
-    reason = check_arrays(arrays, reference)
-    for record in reply.content.array_records.values():
-        reason = reason or non_finite(record)
-    if reason is None and max_update_norm > 0:
-        ratio = relative_distance(arrays, sent)
+    reason = check_arrays(reply.content.array_records[MODEL_RECORD], reference)
+    if reason:
+        return reason
+    for name, record in reply.content.array_records.items():
+        values, reason = decode_finite(record)
+        if reason:
+            return reason
+        if name == MODEL_RECORD:
+            model = values
+    if max_update_norm > 0:
+        ratio = relative_distance(model, sent)
         if ratio > max_update_norm:
-            reason = (
+            return (
                 f"update norm is {ratio:.3g} x the model's norm (limit {max_update_norm:g}: "
                 "--max-update-norm)"
             )
-    return reason
+    return None
