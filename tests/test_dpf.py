@@ -6,7 +6,7 @@ import pytest
 from fedge.privacy import dpf
 
 
-@pytest.mark.parametrize("bits", [1, 2, 5, 6, 7, 8, 9, 12, 15])
+@pytest.mark.parametrize("bits", [*range(1, 15), 17, 21])
 def test_shares_xor_to_the_unit_vector(bits):
     rng = np.random.default_rng(bits)
     for alpha in {0, (1 << bits) - 1, int(rng.integers(1 << bits))}:
@@ -17,7 +17,7 @@ def test_shares_xor_to_the_unit_vector(bits):
 
 
 def test_batch_expansion_equals_one_key_at_a_time():
-    alphas = np.array([0, 1, 127, 128, 4095, 2**14 - 1, 777])
+    alphas = np.array([0, 1, 127, 128, 1023, 1024, 4095, 2**14 - 1, 777])
     keys0, keys1 = dpf.gen_batch(alphas, 14)
     batch = dpf.expand(keys0) ^ dpf.expand(keys1)
     for i, alpha in enumerate(alphas):
@@ -28,11 +28,12 @@ def test_batch_expansion_equals_one_key_at_a_time():
 
 
 def test_key_bytes_round_trip_and_size():
-    for bits in (3, 7, 20, 32):
+    for bits in (3, 7, dpf.LEAF_BITS, 20, 32):
         k0, k1 = dpf.gen(5, bits)
         for key in (k0, k1):
             data = key.to_bytes()
-            assert len(data) == dpf.key_size(bits) == 5 + 32 + 17 * max(bits - 7, 0)
+            depth = max(bits - dpf.LEAF_BITS, 0)
+            assert len(data) == dpf.key_size(bits) == 5 + 16 + 17 * depth + 16 * dpf.LEAF_BLOCKS
             back = dpf.DPFKey.from_bytes(data)
             assert back.to_bytes() == data
             if bits <= 20:
@@ -43,6 +44,9 @@ def test_keys_use_fresh_randomness():
     a, b = dpf.gen(3, 12), dpf.gen(3, 12)
     assert a[0].to_bytes() != b[0].to_bytes()
     assert a[0].to_bytes()[5:21] != a[1].to_bytes()[5:21]  # the two root seeds differ
+
+
+_CTRL = 5 + 16 + 16 * dpf.tree_depth(12)  # first control-bit byte of a 2^12 key
 
 
 @pytest.mark.parametrize(
@@ -56,13 +60,37 @@ def test_keys_use_fresh_randomness():
         (lambda d: d[:-1], "must be"),
         (lambda d: d + b"\x00", "must be"),
         (lambda d: d[:3], "too short"),
-        (lambda d: d[: 5 + 16 + 16 * 5] + b"\x07" + d[5 + 16 + 16 * 5 + 1 :], "control-bit"),
+        (lambda d: d[:_CTRL] + b"\x07" + d[_CTRL + 1 :], "control-bit"),
     ],
 )
 def test_malformed_keys_are_rejected(mutate, message):
     data = dpf.gen(9, 12)[0].to_bytes()
     with pytest.raises(ValueError, match=message):
         dpf.DPFKey.from_bytes(mutate(data))
+    with pytest.raises(ValueError, match=f"key 1: .*{message}"):
+        dpf.KeyBatch.parse([data, mutate(data)])
+
+
+def test_a_version_1_key_is_refused():
+    """A key of the old format (one output block per leaf, 7 leaf bits) with a valid v1 size:
+    refused for its version, not misread."""
+    v1 = b"DP\x01\x00\x0c" + bytes(16 + 17 * (12 - 7) + 16)
+    with pytest.raises(ValueError, match="version 1 unsupported.*version 2.*new keys"):
+        dpf.DPFKey.from_bytes(v1)
+    with pytest.raises(ValueError, match="key 0: DPF key version 1"):
+        dpf.KeyBatch.parse([v1])
+
+
+@pytest.mark.parametrize("bits", [dpf.LEAF_BITS - 1, dpf.LEAF_BITS, dpf.LEAF_BITS + 1])
+def test_every_point_near_one_leaf(bits):
+    """Below, at and just above one leaf's width: every alpha gives exactly e_alpha (every
+    output block and word of a leaf, and both leaves when the tree has a level)."""
+    alphas = np.arange(1 << bits)
+    keys0, keys1 = dpf.gen_batch(alphas, bits)
+    for alpha, k0, k1 in zip(alphas, keys0, keys1, strict=True):
+        v = dpf.eval_all(k0) ^ dpf.eval_all(k1)
+        assert v.size == 1 << bits
+        assert np.flatnonzero(v).tolist() == [alpha]
 
 
 def test_bad_arguments():
@@ -97,7 +125,7 @@ def test_a_single_key_does_not_depend_on_the_index(party):
     """Every bit of one party's key (seed, per-level seed and control-bit corrections, output
     correction) is a fair coin whatever alpha is: two far-apart alphas give the same
     frequencies within 5 standard deviations."""
-    n, bits = 4000, 11
+    n, bits = 4000, dpf.LEAF_BITS + 4
     sigma = 0.5 / np.sqrt(n)
     lo, hi = _bit_frequencies(0, party, n, bits), _bit_frequencies((1 << bits) - 1, party, n, bits)
     assert np.all(np.abs(lo - 0.5) < 5 * sigma)
@@ -107,7 +135,7 @@ def test_a_single_key_does_not_depend_on_the_index(party):
 
 def test_a_single_share_is_unbiased_at_the_point():
     """One party's expansion at alpha (and anywhere) is 1 half the time: no bit marks alpha."""
-    n, bits = 3000, 9
+    n, bits = 3000, dpf.LEAF_BITS + 2
     rng = np.random.default_rng(0)
     alphas = rng.integers(0, 1 << bits, n)
     keys0, _ = dpf.gen_batch(alphas, bits)
@@ -135,5 +163,6 @@ def test_batch_parse_matches_objects_and_names_the_bad_key():
 def test_expansion_in_key_groups_equals_one_group(monkeypatch):
     keys0, _ = dpf.gen_batch(np.arange(0, 2**13, 700), 13)
     whole = dpf.expand(keys0)
-    monkeypatch.setattr(dpf, "EXPAND_BUFFER_BYTES", 3 * (32 << dpf.tree_depth(13)))  # 3 keys
+    per_key = 16 * dpf.LEAF_BLOCKS << dpf.tree_depth(13)  # the leaf blocks of one key
+    monkeypatch.setattr(dpf, "EXPAND_BUFFER_BYTES", 3 * per_key)  # groups of 3 keys
     assert np.array_equal(dpf.expand(keys0), whole)

@@ -5,11 +5,15 @@ alone is pseudorandom, and `eval_all(k0) ^ eval_all(k1)` is the unit vector e_al
 BGI-2016 (Fig. 1 with the early-termination optimisation):
 
 - one correction word per tree level: a 128-bit seed correction and two control-bit corrections;
-- early termination: the tree stops 7 levels early and each leaf converts its seed into a
-  128-bit output block, so a key is 16 + 17*(n-7) + 16 bytes and expansion touches 2^(n-7) leaves;
+- early termination, widened: the tree stops LEAF_BITS = 7 + log2(W) levels early and each leaf
+  converts its seed into W = LEAF_BLOCKS 128-bit output blocks, so a key is
+  16 + 17*(n - LEAF_BITS) + 16*W bytes (plus a 5-byte header) and expansion touches
+  L = 2^(n - LEAF_BITS) leaves: about 2L AES blocks for the tree and WL for the values, i.e.
+  2^(n-7) * (1 + 2/W) blocks in all, against 3 * 2^(n-7) with one block per leaf (a domain
+  smaller than one leaf is that one leaf, cut to its 2^n bits);
 - the PRG is fixed-key AES-128 in Matyas-Meyer-Oseas form, G(s) = pi(s ^ c) ^ s ^ c with one public
-  tweak c per output (left child, right child, leaf value), so all nodes of a level, of all keys
-  of a batch, go through ONE AES-ECB call on a preallocated buffer.
+  tweak c per output (left child, right child, and the W leaf values), so all nodes of a level, of
+  all keys of a batch, go through ONE AES-ECB call on a preallocated buffer.
 
 Seeds come from `secrets` (the OS CSPRNG). Bit x of an expansion is bit (x & 63) of 64-bit word
 (x >> 6), the little-endian reading of the leaf blocks.
@@ -33,17 +37,22 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 if sys.byteorder != "little":  # the uint64 views of AES blocks assume it
     raise ImportError("fedge.privacy.dpf needs a little-endian machine")
 
-VERSION = 1
+VERSION = 2  # 2: LEAF_BLOCKS output blocks per leaf (1: one block)
 MAGIC = b"DP"
-LEAF_BITS = 7  # early termination: one 128-bit output block per leaf
+LEAF_BLOCKS = 8  # 128-bit output blocks per leaf (a power of two): fewer leaves, less AES
+LEAF_BITS = 6 + LEAF_BLOCKS.bit_length()  # 7 + log2(LEAF_BLOCKS) domain bits per leaf
 MAX_DOMAIN_BITS = 40
 _HEADER = struct.Struct("<2sBBB")  # magic, version, party, domain_bits
 
-# Public constants: the fixed AES key and the three tweaks (left child, right child, leaf value).
+# Public constants: the fixed AES key and the tweaks (left child, right child, LEAF_BLOCKS leaf
+# values). The value tweaks share a hashed low word and count 1..W in the high word: distinct from
+# each other and from the branch tweaks (whose high words are 0 and a hash word).
 _AES_KEY = hashlib.sha256(b"fedge-dpf-v1 fixed-key AES").digest()[:16]
 _RANDOM = np.frombuffer(hashlib.sha256(b"fedge-dpf-v1 tweaks").digest()[:24], np.uint64)
 BRANCH = np.stack([np.zeros(2, np.uint64), _RANDOM[:2]])  # left child: s itself; right: s ^ c
-T_VALUE = np.array([_RANDOM[2], 1], np.uint64)
+T_VALUE = np.stack(  # (LEAF_BLOCKS, 2)
+    [np.full(LEAF_BLOCKS, _RANDOM[2]), np.arange(1, LEAF_BLOCKS + 1, dtype=np.uint64)], axis=1
+)
 _ONE = np.uint64(1)
 
 
@@ -54,7 +63,7 @@ def tree_depth(domain_bits: int) -> int:
 
 def key_size(domain_bits: int) -> int:
     """Bytes of a serialized key: header, seed, per-level correction words, output correction."""
-    return _HEADER.size + 16 + 17 * tree_depth(domain_bits) + 16
+    return _HEADER.size + 16 + 17 * tree_depth(domain_bits) + 16 * LEAF_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -66,7 +75,7 @@ class DPFKey:
     seed: np.ndarray  # (2,) uint64
     cw_seed: np.ndarray  # (depth, 2) uint64
     cw_bits: np.ndarray  # (depth, 2) uint64, control-bit corrections for (left, right)
-    cw_out: np.ndarray  # (2,) uint64
+    cw_out: np.ndarray  # (LEAF_BLOCKS, 2) uint64
 
     def to_bytes(self) -> bytes:
         head = _HEADER.pack(MAGIC, VERSION, self.party, self.domain_bits)
@@ -95,7 +104,10 @@ class DPFKey:
         if magic != MAGIC:
             raise ValueError(f"not a DPF key: magic {magic!r}, expected {MAGIC!r}")
         if version != VERSION:
-            raise ValueError(f"DPF key version {version} unsupported; this build reads {VERSION}")
+            raise ValueError(
+                f"DPF key version {version} unsupported; this build reads only version {VERSION} "
+                f"({LEAF_BLOCKS} output blocks per leaf): the client must make new keys"
+            )
         if party not in (0, 1):
             raise ValueError(f"DPF key party must be 0 or 1, got {party}")
         if not 1 <= domain_bits <= MAX_DOMAIN_BITS:
@@ -116,7 +128,7 @@ class DPFKey:
         if np.any(bits > 3):
             raise ValueError("DPF key control-bit corrections use only 2 bits per level; corrupted")
         cw_bits = np.stack([bits & 1, bits >> 1], axis=1).astype(np.uint64)
-        cw_out = np.frombuffer(data, np.uint64, 2, pos)
+        cw_out = np.frombuffer(data, np.uint64, 2 * LEAF_BLOCKS, pos).reshape(LEAF_BLOCKS, 2)
         return cls(party, domain_bits, seed, cw_seed, cw_bits, cw_out)
 
 
@@ -166,10 +178,10 @@ def gen_batch(alphas: np.ndarray, domain_bits: int) -> tuple[list[DPFKey], list[
         s = child[:, rows, keep] ^ (mask & cw_s)
         t = tc[:, rows, keep] ^ (t & cw_t[rows, keep])
         cw_seed[:, level], cw_bits[:, level] = cw_s, cw_t
-    conv = _prg(s, T_VALUE[None])[..., 0, :]  # (party, key, 2)
+    conv = _prg(s, T_VALUE)  # (party, key, LEAF_BLOCKS, 2)
     low = alphas & ((1 << leaf_bits) - 1)
-    unit = np.zeros((k, 2), np.uint64)
-    unit[np.arange(k), low >> 6] = _ONE << (low & 63).astype(np.uint64)
+    unit = np.zeros((k, LEAF_BLOCKS, 2), np.uint64)
+    unit.reshape(k, -1)[np.arange(k), low >> 6] = _ONE << (low & 63).astype(np.uint64)
     cw_out = conv[0] ^ conv[1] ^ unit
     keys = tuple(
         [DPFKey(p, domain_bits, roots[p, i], cw_seed[i], cw_bits[i], cw_out[i]) for i in range(k)]
@@ -209,12 +221,13 @@ def _correct_level(out, inp, t, cw_seed, cw_bits, next_inp, next_t, tweaks):
 
 def _finish_leaves(out, inp, t, cw_out):
     """Leaf blocks: feed-forward of the value PRG, plus the output correction where t is set."""
-    keys, leaves = t.shape
+    keys, leaves, width = out.shape[:3]
     for key in numba.prange(keys):
         for i in range(leaves):
             mask = np.uint64(0) - t[key, i]
-            out[key, i, 0, 0] ^= inp[key, i, 0, 0] ^ (mask & cw_out[key, 0])
-            out[key, i, 0, 1] ^= inp[key, i, 0, 1] ^ (mask & cw_out[key, 1])
+            for w in range(width):
+                out[key, i, w, 0] ^= inp[key, i, w, 0] ^ (mask & cw_out[key, w, 0])
+                out[key, i, w, 1] ^= inp[key, i, w, 1] ^ (mask & cw_out[key, w, 1])
 
 
 def serial_and_parallel(fn: Callable) -> dict[bool, Callable]:
@@ -240,7 +253,7 @@ def _split_keys(raw, head, party, seed, cw_seed, cw_bits, cw_out):
     """Check and decode serialized keys of one size, (keys, bytes), into the KeyBatch fields
     in one compiled loop (numpy's dozen small operations cost more on small batches). False
     if any key has a bad header or control byte (`KeyBatch.parse` then says which)."""
-    depth = cw_seed.shape[0]
+    depth, width = cw_seed.shape[0], cw_out.shape[1]
     ctrl = 21 + 16 * depth
 
     def word(k, at):  # little-endian uint64 at byte `at` of key k
@@ -257,7 +270,8 @@ def _split_keys(raw, head, party, seed, cw_seed, cw_bits, cw_out):
         party[k] = raw[k, 3]
         for h in range(2):
             seed[k, h] = word(k, 5 + 8 * h)
-            cw_out[k, h] = word(k, ctrl + depth + 8 * h)
+            for w in range(width):
+                cw_out[k, w, h] = word(k, ctrl + depth + 16 * w + 8 * h)
         for level in range(depth):
             c = raw[k, ctrl + level]
             if c > 3:
@@ -278,7 +292,7 @@ class KeyBatch:
     seed: np.ndarray  # (keys, 2) uint64
     cw_seed: np.ndarray  # (depth, keys, 2) uint64
     cw_bits: np.ndarray  # (depth, keys, 2) uint64
-    cw_out: np.ndarray  # (keys, 2) uint64
+    cw_out: np.ndarray  # (keys, LEAF_BLOCKS, 2) uint64
 
     def __len__(self) -> int:
         return self.party.size
@@ -345,7 +359,7 @@ class KeyBatch:
             np.empty((n, 2), np.uint64),
             np.empty((depth, n, 2), np.uint64),
             np.empty((depth, n, 2), np.uint64),
-            np.empty((n, 2), np.uint64),
+            np.empty((n, LEAF_BLOCKS, 2), np.uint64),
         )
         if not _split_keys(
             raw, np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8), *fields
@@ -379,7 +393,7 @@ def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     huge domains, per group of keys that fits EXPAND_BUFFER_BYTES). A PIR server does not call
     this on big tables: it expands subtree by subtree along its pass (`expand_below`)."""
     batch = keys if isinstance(keys, KeyBatch) else KeyBatch.of(keys)
-    per_key = 32 << tree_depth(batch.domain_bits)  # bytes of the widest level of one key
+    per_key = 16 * LEAF_BLOCKS << tree_depth(batch.domain_bits)  # the leaves: the widest level
     group = max(1, EXPAND_BUFFER_BYTES // per_key)
     if len(batch) > group:
         return np.concatenate(
@@ -422,15 +436,15 @@ def _descend(batch, seeds, t, level, stop, work, parallel):
     bits (keys, nodes)."""
     depth = tree_depth(batch.domain_bits)
     k, m = t.shape
-    per_node = 2 if stop == depth else 4  # words of AES input per node at `stop`
+    per_node = 2 * LEAF_BLOCKS if stop == depth else 4  # words of AES input per node at `stop`
     bufs, aes_out = work.buffers(k * m * (per_node << (stop - level)))  # the widest level
-    tweaks = BRANCH if level < depth else T_VALUE[None]
+    tweaks = BRANCH if level < depth else T_VALUE
     inp = bufs[0][: k * m * tweaks.size].reshape(k, m, -1, 2)
     np.bitwise_xor(seeds[:, :, None, :], tweaks, out=inp)
     for lvl in range(level, stop):
         out = aes_out[: inp.size].reshape(inp.shape)
         work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
-        tweaks = T_VALUE[None] if lvl == depth - 1 else BRANCH
+        tweaks = T_VALUE if lvl == depth - 1 else BRANCH
         nodes = 2 * t.shape[1]
         nxt = bufs[(lvl - level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
         nxt_t = np.empty((k, nodes), np.uint64)
@@ -449,7 +463,7 @@ def node_seeds(batch: KeyBatch, level: int) -> tuple[np.ndarray, np.ndarray]:
     if level == 0:
         return seeds, t
     inp, t = _descend(batch, seeds, t, 0, level, thread_workspace(), None)
-    first = BRANCH[0] if level < tree_depth(batch.domain_bits) else T_VALUE
+    first = BRANCH[0] if level < tree_depth(batch.domain_bits) else T_VALUE[0]
     return inp[:, :, 0, :] ^ first, t  # remove the tweak the AES input carries
 
 
@@ -462,27 +476,31 @@ def expand_below(
     parallel: bool | None = None,
 ) -> np.ndarray:
     """Full evaluation of the subtrees under nodes (keys, m) at `level` (from `node_seeds`):
-    (keys, m * 2^(depth - level) * 2) uint64 words, i.e. the bits of those nodes' rows, laid
-    out as in `expand`. `work` reuses buffers across calls (one Workspace per thread)."""
+    (keys, m * 2^(depth - level + LEAF_BITS - 6)) uint64 words, i.e. the bits of those nodes'
+    rows, laid out as in `expand`. `work` reuses buffers across calls (one Workspace per
+    thread). A domain smaller than one leaf gets only its own ceil(2^n / 64) words, with the
+    bits past its end cleared."""
     work = work or Workspace()
-    inp, t = _descend(batch, seeds, t, level, tree_depth(batch.domain_bits), work, parallel)
+    bits = batch.domain_bits
+    inp, t = _descend(batch, seeds, t, level, tree_depth(bits), work, parallel)
     _, aes_out = work.buffers(0)
     work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
     out = aes_out[: inp.size].reshape(inp.shape)
     _LEAVES[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel](
         out, inp, t, batch.cw_out
     )
-    return out.reshape(t.shape[0], -1)
+    words = out.reshape(t.shape[0], -1)
+    if bits < LEAF_BITS:  # contiguous, as the PIR kernels are compiled for
+        words = words[:, : -(-(1 << bits) // 64)].copy()
+        if bits < 6:
+            words &= np.uint64((1 << (1 << bits)) - 1)
+    return words
 
 
 def _expand(batch: KeyBatch, parallel: bool | None = None) -> np.ndarray:
-    seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
-    words = expand_below(batch, seeds, t, 0, parallel=parallel)
-    if batch.domain_bits < 6:  # a domain smaller than a word: clear the bits past its end
-        words = words[:, :1] & np.uint64((1 << (1 << batch.domain_bits)) - 1)
-    elif batch.domain_bits == 6:
-        words = words[:, :1]
-    return words
+    return expand_below(
+        batch, batch.seed[:, None, :], batch.party.reshape(-1, 1), 0, parallel=parallel
+    )
 
 
 def warm_up() -> None:
