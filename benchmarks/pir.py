@@ -6,10 +6,11 @@ batch: serialized keys in, answers out (key decoding, DPF expansion, inner produ
 
 - fedge: `PIRServer.answer`: one pass over the table in chunks (subtrees of the DPF tree),
   each chunk's bits expanded for the whole batch right before the numba kernel XORs its rows
-  in ("stream" for one query, "mask" for 2-7, "gray" for 8 or more), chunks shared by the
-  threads; for reference, the plain mask-and-XOR kernel on the same batch (timed once where
-  batch x rows > 2^24), and the CPU time of the expansion alone (same chunks, one thread),
-  to tell whether expansion or the kernel dominates;
+  in, chunks shared by the threads. Its kernel is the layout's best: "affine" (GFNI, 8x8 bit
+  matrices) on CPUs that have it, else "stream" for one query and "gray" for more. For
+  reference, on the row layout: the portable kernels any CPU runs (stream/gray) and the plain
+  mask-and-XOR kernel (both timed once where batch x rows > 2^24), and the CPU time of the
+  expansion alone (same chunks, one thread), to tell whether expansion or the kernel dominates;
 - naive: per query, a full-domain evaluation of its key alone, then numpy's gather-and-XOR
   of the selected rows (on large tables timed on the first few queries of the batch);
 - bound: one numpy pass over the table (XOR-reduce of all its words, one thread): the time any batch
@@ -58,7 +59,7 @@ def naive_answer(table: np.ndarray, key: bytes) -> np.ndarray:
 def expansion_cpu(server: PIRServer, keys: list[bytes], repeats: int) -> float:
     """CPU seconds of the batch's expansion alone, cut into the server's chunks, one thread."""
     batch = server.check(keys)
-    plan = plan_pass(*server.words.shape, len(batch), batch.domain_bits)
+    plan = plan_pass(server.table.rows, server.table.width, len(batch), batch.domain_bits)
 
     def run() -> None:
         seeds, t = node_seeds(batch, plan.level)
@@ -84,6 +85,7 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
     rng = np.random.default_rng(rows)
     table = rng.integers(0, 2**63, (rows, ROW_BYTES // 8), dtype=np.uint64)
     server = PIRServer(table, party=0)
+    rows_server = PIRServer(table, party=0, layout="rows")
     server.answer(query([0], rows)[0])  # warm-up: numba caches, page faults
     flat = table.reshape(-1)
     bound_s = best(lambda: np.bitwise_xor.reduce(flat), repeats)
@@ -93,8 +95,9 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
         server.answer(keys)
         runs = [timed(lambda keys=keys: server.answer(keys)) for _ in range(repeats)]
         fedge_s, cpu_s = min(w for w, _ in runs), min(c for _, c in runs)
-        mask_repeats = repeats if rows * batch <= 1 << 24 else 1  # slow on big batches
-        mask_s = best(lambda keys=keys: server.answer(keys, kernel="mask"), mask_repeats)
+        ref_repeats = repeats if rows * batch <= 1 << 24 else 1  # slow on big batches
+        rows_s = best(lambda keys=keys: rows_server.answer(keys), ref_repeats)
+        mask_s = best(lambda keys=keys: rows_server.answer(keys, kernel="mask"), ref_repeats)
         mem = peak_mib(lambda keys=keys: server.answer(keys))
         expand_s = expansion_cpu(server, keys, min(repeats, 3))
         sample = keys[: min(batch, naive_max)]
@@ -109,6 +112,8 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
             "fedge_q_per_cpu_s": batch / cpu_s,
             "fedge_cpu_ms": cpu_s * 1e3,
             "expansion_cpu_ms": expand_s * 1e3,
+            "kernel": server.table.kernel("auto", batch),
+            "rows_layout_qps": batch / rows_s,
             "mask_kernel_qps": batch / mask_s,
             "naive_qps": batch / naive_s,
             "naive_timed_queries": len(sample),
@@ -123,7 +128,8 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
         print(
             f"rows 2^{rows.bit_length() - 1} batch {batch:3d}: {row['fedge_qps']:8.1f} q/s "
             f"({row['fedge_latency_ms']:.1f} ms/batch, CPU {row['fedge_cpu_ms']:.1f} ms of which "
-            f"expansion {row['expansion_cpu_ms']:.1f}), mask {row['mask_kernel_qps']:.1f}, "
+            f"expansion {row['expansion_cpu_ms']:.1f}), rows layout {row['rows_layout_qps']:.1f}, "
+            f"mask {row['mask_kernel_qps']:.1f}, "
             f"naive {row['naive_qps']:.2f}, pass {row['bound_pass_ms']:.1f} ms",
             flush=True,
         )
@@ -132,10 +138,10 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| rows x 64 B | table | batch | fedge q/s | latency/batch | q per CPU-s "
-        "| CPU/batch (expansion) | mask-kernel q/s "
+        "| rows x 64 B | table | batch | kernel | fedge q/s | latency/batch | q per CPU-s "
+        "| CPU/batch (expansion) | rows-layout q/s | mask-kernel q/s "
         "| naive q/s | speedup vs naive | one-pass bound | fedge / bound | peak extra |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         size = (
@@ -144,10 +150,11 @@ def markdown(results: list[dict]) -> str:
             else (f"{r['table_mib']:.0f} MiB")
         )
         lines.append(
-            f"| 2^{r['rows'].bit_length() - 1} | {size} | {r['batch']} | {r['fedge_qps']:,.1f} "
+            f"| 2^{r['rows'].bit_length() - 1} | {size} | {r['batch']} | {r['kernel']} "
+            f"| {r['fedge_qps']:,.1f} "
             f"| {r['fedge_latency_ms']:,.1f} ms | {r['fedge_q_per_cpu_s']:,.1f} "
             f"| {r['fedge_cpu_ms']:,.1f} ms ({r['expansion_cpu_ms']:,.1f} ms) "
-            f"| {r['mask_kernel_qps']:,.1f} "
+            f"| {r['rows_layout_qps']:,.1f} | {r['mask_kernel_qps']:,.1f} "
             f"| {r['naive_qps']:,.2f} | {r['speedup_vs_naive']:,.0f}x "
             f"| {r['bound_pass_ms']:.1f} ms ({r['bound_gbps']:.1f} GB/s) "
             f"| {r['fraction_of_bound']:.2f} | {r['peak_extra_mib']:,.0f} MiB |"

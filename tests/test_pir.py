@@ -1,4 +1,5 @@
-"""Two-server PIR: exact rows for any table shape and dtype, all three kernels, the torch path."""
+"""Two-server PIR: exact rows for any table shape and dtype, every kernel this CPU has (the
+affine kernel where it has GFNI), the torch path."""
 
 import numpy as np
 import pytest
@@ -21,8 +22,13 @@ def _table(rng, rows, row_shape, dtype):
     return raw.view(dtype).reshape(rows, *row_shape)
 
 
+def _layout(kernel):
+    return next(k for k, names in pir.LAYOUT_KERNELS.items() if kernel in names)
+
+
 def _fetch(table, indices, kernel="auto"):
-    a, b = pir.PIRServer(table, party=0), pir.PIRServer(table, party=1)
+    layout = "auto" if kernel == "auto" else _layout(kernel)
+    a, b = (pir.PIRServer(table, party=p, layout=layout) for p in (0, 1))
     keys_a, keys_b = pir.query(indices, table.shape[0])
     return pir.reconstruct(a.answer(keys_a, kernel), b.answer(keys_b, kernel), a.spec)
 
@@ -46,7 +52,7 @@ CASES = [
 
 
 @pytest.mark.parametrize("rows, row_shape, dtype", CASES)
-@pytest.mark.parametrize("kernel", ["stream", "mask", "gray"])
+@pytest.mark.parametrize("kernel", sorted(pir.KERNELS))
 def test_exact_rows_for_any_shape_and_dtype(rows, row_shape, dtype, kernel):
     rng = np.random.default_rng(rows)
     table = _table(rng, rows, row_shape, dtype)
@@ -67,20 +73,37 @@ def test_batches_across_threads(batch, parallel, monkeypatch):
     assert _same(_fetch(table, indices), table[indices])
 
 
+@pytest.mark.parametrize("kernel", sorted(set(pir.KERNELS) - {"stream"}))
 @pytest.mark.parametrize("words", [1, 2, 3, 7, 8, 9, 13, 16, 17])
-def test_gray_kernel_equals_the_bit_matrix_product(words):
-    """The vector four-Russians kernel against numpy's E @ T over GF(2), for row widths that
-    are and are not whole 64-byte slabs (padded lanes read the next rows, never past the end)."""
+def test_vector_kernels_equal_the_bit_matrix_product(kernel, words):
+    """The four-Russians and affine kernels against numpy's E @ T over GF(2), for row widths
+    that are and are not whole 64-byte slabs (gray: padded lanes read the next rows, never past
+    the end; affine: 8, 4, 2 and 1-slab runs), and 9 queries (one partial block of 8)."""
     rng = np.random.default_rng(words)
     rows = 64 * 5 + 11
-    table = rng.integers(0, 2**63, (rows, words), dtype=np.uint64)
+    words_table = rng.integers(0, 2**63, (rows, words), dtype=np.uint64)
     bits = rng.integers(0, 2**63, (9, 6), dtype=np.uint64)
     e = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :rows].astype(bool)
     for lo, hi in ((0, rows), (64, rows - 3), (128, 192)):
-        acc = np.zeros((9, -(-words // 8) * 8), np.uint64)
-        pir.KERNELS["gray"](table[:hi], bits, acc, lo, hi)
-        part = np.array([np.bitwise_xor.reduce(table[lo:hi][m[lo:hi]], axis=0) for m in e])
-        assert np.array_equal(acc[:, :words], part)
+        table = pir.ServerTable.of(words_table[:hi], _layout(kernel))
+        acc = table.accumulators(9, kernel)
+        pir.KERNELS[kernel](table.part(0, hi), bits, acc, lo, hi)
+        part = np.array([np.bitwise_xor.reduce(words_table[lo:hi][m[lo:hi]], axis=0) for m in e])
+        assert np.array_equal(table.answers(acc, 9), part)
+
+
+def test_blocks_layout_holds_each_group_bit_matrix():
+    """Byte 7 - i of block (g, column c) has bit r set iff bit i of byte c of row 8g + r is:
+    GF2P8AFFINEQB's matrix order; rows past the end are zeros."""
+    rng = np.random.default_rng(2)
+    words = rng.integers(0, 2**63, (21, 3), dtype=np.uint64)
+    blocks = pir.blocks_layout(words).view(np.uint8).reshape(3, 24, 8)
+    rows = np.concatenate([words, np.zeros((3, 3), np.uint64)]).view(np.uint8)
+    bits = np.unpackbits(rows.reshape(3, 8, 24, 1), axis=3, bitorder="little")  # g, r, c, i
+    want = np.packbits(bits.transpose(0, 2, 3, 1)[:, :, ::-1], axis=3, bitorder="little")
+    assert np.array_equal(blocks, want[..., 0])
+    with pytest.raises(ValueError, match="does not read the 'rows' layout"):
+        pir.ServerTable.of(words, "rows").kernel("affine", 4)
 
 
 @pytest.mark.parametrize("chunk_bits", [1, 1 << 10])

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 
+from fedge.privacy.dpf import VERSION
 from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, ServerProcess, encode_request
 
 
@@ -69,7 +70,9 @@ def test_server_rejects_malformed_keys(servers):
     with grpc.insecure_channel(addr["a"]) as channel:
         answer = channel.unary_unary(f"/{SERVICE}/Answer")
         with pytest.raises(grpc.RpcError) as info:
-            answer(encode_request([b"DP\x01\x00\x0c" + b"\x00" * 40]), timeout=10)
+            answer(
+                encode_request([b"DP" + bytes([VERSION]) + b"\x00\x0c" + b"\x00" * 40]), timeout=10
+            )
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "must be" in info.value.details()
         with pytest.raises(grpc.RpcError, match="not a PIR request"):

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
+from llvmlite import binding as llvm
 from llvmlite import ir
-from numba.core import types
+from numba.core import cgutils, types
 from numba.extending import intrinsic
 
 from fedge.privacy.dpf import (
@@ -264,10 +265,190 @@ def _answer_gray(table, bits, acc, lo, hi):
     _answer_mask_jit(table, bits, acc, full, hi)
 
 
+_BYTES = ir.VectorType(ir.IntType(8), 64)
+_GF2P8AFFINE = ir.FunctionType(_BYTES, [_BYTES, _BYTES, ir.IntType(8)])
+
+
+def _host_has(*features: str) -> bool:
+    """Whether this CPU (as LLVM, which numba compiles for, sees it) has these features."""
+    host = llvm.get_host_cpu_features()
+    return all(host.get(f, False) for f in features)
+
+
+# GF2P8AFFINEQB on 512-bit vectors (Ice Lake and later, Zen 4 and later): the "blocks" layout and
+# its affine kernel; other CPUs keep the row layout and the stream/gray kernels.
+AFFINE = _host_has("gfni", "avx512f", "avx512bw")
+
+
+def _affine_run(slabs: int):
+    """An intrinsic that adds one 8-query block's products over `groups` 8-row groups into
+    `slabs` 64-byte accumulators held in registers. Group g contributes, per slab, one
+    GF2P8AFFINEQB of the 8 queries' bytes for the group (broadcast to the 8 lanes) with the
+    group's 8 bit matrices (one per byte column): 8 queries x 8 rows x 64 bits per instruction."""
+
+    @intrinsic
+    def run(typingctx, acc, a, blocks, b, stride, xq, x, groups):
+        _check_c_arrays(acc, blocks, xq)
+
+        def codegen(context, builder, sig, args):
+            i64 = ir.IntType(64)
+            acc_, a, blocks_, b, stride, xq_, x, groups = args
+            affine = cgutils.get_or_insert_function(
+                builder.module, _GF2P8AFFINE, "llvm.x86.vgf2p8affineqb.512"
+            )
+            dst = [
+                _slab(context, builder, sig.args[0], acc_, builder.add(a, i64(8 * s)))
+                for s in range(slabs)
+            ]
+            regs = [cgutils.alloca_once_value(builder, builder.load(p, align=8)) for p in dst]
+            data = context.make_array(sig.args[5])(context, builder, xq_).data
+            with cgutils.for_range(builder, groups) as loop:
+                g = loop.index
+                word = builder.load(builder.gep(data, [builder.add(x, g)]))
+                lanes = builder.insert_element(ir.Constant(_SLAB, None), word, i64(0))
+                zeros = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
+                lanes = builder.bitcast(builder.shuffle_vector(lanes, lanes, zeros), _BYTES)
+                row = builder.add(b, builder.mul(g, stride))
+                for s in range(slabs):
+                    ptr = _slab(
+                        context, builder, sig.args[2], blocks_, builder.add(row, i64(8 * s))
+                    )
+                    matrices = builder.bitcast(builder.load(ptr, align=8), _BYTES)
+                    y = builder.call(affine, [lanes, matrices, ir.IntType(8)(0)])
+                    y = builder.xor(builder.load(regs[s]), builder.bitcast(y, _SLAB))
+                    builder.store(y, regs[s])
+            for p, reg in zip(dst, regs, strict=True):
+                builder.store(builder.load(reg), p, align=8)
+            return context.get_dummy_value()
+
+        sig = types.void(acc, a, blocks, b, stride, xq, x, groups)
+        return sig, codegen
+
+    return run
+
+
+_AFFINE_RUNS = [_affine_run(n) for n in (8, 4, 2, 1)]
+_affine_8, _affine_4, _affine_2, _affine_1 = _AFFINE_RUNS
+
+
+@intrinsic
+def _transpose_bytes(typingctx, dst, d, src, s, stride):
+    """dst.flat[d + g] byte j = src.flat[s + j * stride] byte g, for g, j < 8: 8 queries' words
+    of one 64-row block become the 8 groups' query bytes the affine kernel broadcasts."""
+    _check_c_arrays(dst, src)
+
+    def codegen(context, builder, sig, args):
+        i64 = ir.IntType(64)
+        dst_, d, src_, s, stride = args
+        data = context.make_array(sig.args[2])(context, builder, src_).data
+        v = ir.Constant(_SLAB, None)
+        for j in range(8):
+            at = builder.add(s, builder.mul(stride, i64(j)))
+            v = builder.insert_element(v, builder.load(builder.gep(data, [at])), i64(j))
+        order = ir.Constant(
+            ir.VectorType(ir.IntType(32), 64), [(o % 8) * 8 + o // 8 for o in range(64)]
+        )
+        v = builder.bitcast(v, _BYTES)
+        v = builder.shuffle_vector(v, v, order)
+        builder.store(
+            builder.bitcast(v, _SLAB), _slab(context, builder, sig.args[0], dst_, d), align=8
+        )
+        return context.get_dummy_value()
+
+    return types.void(dst, d, src, s, stride), codegen
+
+
+AFFINE_TILE_BYTES = 32 << 10  # the blocks of one tile stay in L1 while all query blocks use them
+
+
+def _answer_affine(blocks, bits, acc, lo, hi):
+    """The bit-matrix product on the blocks layout, rows lo..hi (lo a multiple of 64): per tile
+    of groups, the queries' bits are regrouped by 8-row group (8 queries' bytes per word), then
+    each block of 8 queries runs the affine intrinsic over the tile, 8 slabs at a time.
+    acc is (query blocks, width, 8): word (k, l) of a block holds byte 8k + l of its 8 answers."""
+    queries, words, width = bits.shape[0], bits.shape[1], blocks.shape[1]
+    tile = max(8, AFFINE_TILE_BYTES // (64 * width) // 8 * 8)
+    xq = np.zeros(acc.shape[0] * tile, np.uint64)
+    end = (hi + 7) // 8
+    for t0 in range(lo // 8, end, tile):
+        n = min(tile, end - t0)
+        for qb in range(acc.shape[0]):
+            q0 = 8 * qb
+            for w in range((n + 7) // 8):
+                col = t0 // 8 + w
+                if q0 + 8 <= queries:
+                    _transpose_bytes(xq, qb * tile + 8 * w, bits, q0 * words + col, words)
+                else:  # the last, partial block of queries
+                    for g in range(8):
+                        x = np.uint64(0)
+                        for j in range(queries - q0):
+                            byte = (bits[q0 + j, col] >> np.uint64(8 * g)) & np.uint64(255)
+                            x |= byte << np.uint64(8 * j)
+                        xq[qb * tile + 8 * w + g] = x
+        for qb in range(acc.shape[0]):
+            s = 0
+            while s < width:
+                a, b = (qb * width + s) * 8, (t0 * width + s) * 8
+                if width - s >= 8:
+                    _affine_8(acc, a, blocks, b, width * 8, xq, qb * tile, n)
+                    s += 8
+                elif width - s >= 4:
+                    _affine_4(acc, a, blocks, b, width * 8, xq, qb * tile, n)
+                    s += 4
+                elif width - s >= 2:
+                    _affine_2(acc, a, blocks, b, width * 8, xq, qb * tile, n)
+                    s += 2
+                else:
+                    _affine_1(acc, a, blocks, b, width * 8, xq, qb * tile, n)
+                    s += 1
+
+
+@numba.njit(cache=True, inline="always")
+def _transpose8x8(x):
+    """Bit (8r + i) to bit (8i + r) of a word: an 8x8 bit matrix, row r in byte r, transposed."""
+    t = (x ^ (x >> np.uint64(7))) & np.uint64(0x00AA00AA00AA00AA)
+    x = x ^ t ^ (t << np.uint64(7))
+    t = (x ^ (x >> np.uint64(14))) & np.uint64(0x0000CCCC0000CCCC)
+    x = x ^ t ^ (t << np.uint64(14))
+    t = (x ^ (x >> np.uint64(28))) & np.uint64(0x00000000F0F0F0F0)
+    return x ^ t ^ (t << np.uint64(28))
+
+
+@numba.njit(parallel=True, cache=True)
+def _fill_blocks(raw, out):
+    """out[g, c]: the matrix of byte column c of rows 8g..8g+7 in GF2P8AFFINEQB's order (byte
+    7 - i holds bit i of the 8 rows, row r in bit r); rows past the end count as zeros."""
+    rows, columns = raw.shape
+    for g in numba.prange(out.shape[0]):
+        n = min(8, rows - 8 * g)
+        for c in range(columns):
+            m = np.uint64(0)
+            for r in range(n):
+                m |= np.uint64(raw[8 * g + r, c]) << np.uint64(8 * r)
+            t = _transpose8x8(m)
+            d = np.uint64(0)
+            for i in range(8):
+                d |= ((t >> np.uint64(8 * i)) & np.uint64(255)) << np.uint64(8 * (7 - i))
+            out[g, c] = d
+
+
+def blocks_layout(words: np.ndarray) -> np.ndarray:
+    """The table (rows, width) uint64 as the affine kernel reads it: (ceil(rows / 8), width, 8)
+    uint64, one 8x8 bit matrix per 8-row group and byte column (a copy, built in parallel)."""
+    rows, width = words.shape
+    out = np.empty((-(-rows // 8), width * 8), np.uint64)
+    _fill_blocks(np.ascontiguousarray(words).view(np.uint8).reshape(rows, width * 8), out)
+    return out.reshape(-1, width, 8)
+
+
 _answer_mask_jit = numba.njit(cache=True, nogil=True)(_answer_mask)
 _answer_gray_jit = numba.njit(cache=True, nogil=True)(_answer_gray)
 _answer_stream_jit = numba.njit(cache=True, nogil=True)(_answer_stream)
+_answer_affine_jit = numba.njit(cache=True, nogil=True)(_answer_affine)
 KERNELS = {"stream": _answer_stream_jit, "mask": _answer_mask_jit, "gray": _answer_gray_jit}
+if AFFINE:  # never compiled elsewhere: LLVM cannot emit GF2P8AFFINEQB without GFNI
+    KERNELS["affine"] = _answer_affine_jit
+LAYOUT_KERNELS = {"rows": ("stream", "mask", "gray"), "blocks": ("affine",)}
 PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
 CHUNK_BITS = 1 << 22  # expanded bits (queries x rows) per chunk: 512 KiB, cache-resident
 CHUNKS_PER_THREAD = 4  # at least, so a thread slowed by other jobs does not hold up the pass
@@ -301,44 +482,91 @@ def plan_pass(rows: int, words: int, queries: int, domain_bits: int) -> PassPlan
     return PassPlan(domain_bits - log_chunk, 1 << log_chunk, -(-rows // (1 << log_chunk)), threads)
 
 
-def _kernel_name(kernel: str, queries: int) -> str:
-    if kernel == "auto":
-        return "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be 'auto' or one of {sorted(KERNELS)}, got {kernel!r}")
-    return kernel
+@dataclass(frozen=True)
+class ServerTable:
+    """The table as the CPU kernels read it. Layout "rows": (rows, width) uint64 words, for the
+    stream, mask and gray kernels (any CPU). Layout "blocks": (ceil(rows / 8), width, 8) uint64
+    bit matrices (`blocks_layout`), for the affine kernel (CPUs with GFNI and AVX-512)."""
+
+    data: np.ndarray
+    rows: int
+    width: int  # uint64 words per row
+    layout: str
+
+    @classmethod
+    def of(cls, words: np.ndarray, layout: str = "auto") -> ServerTable:
+        """Lay out (rows, width) words; "auto" takes "blocks" where the CPU has the affine
+        kernel. The rows layout keeps `words` itself (no copy)."""
+        if layout == "auto":
+            layout = "blocks" if AFFINE else "rows"
+        if layout not in LAYOUT_KERNELS:
+            raise ValueError(f"layout must be 'auto', 'rows' or 'blocks', got {layout!r}")
+        if layout == "blocks" and not AFFINE:
+            raise ValueError("the blocks layout needs a CPU with GFNI and AVX-512; use 'rows'")
+        data = blocks_layout(words) if layout == "blocks" else words
+        return cls(data, words.shape[0], words.shape[1], layout)
+
+    def kernel(self, name: str, queries: int) -> str:
+        """The kernel to run: "auto" picks this layout's best for the batch size."""
+        if name == "auto":
+            if self.layout == "blocks":
+                return "affine"
+            return "stream" if queries == 1 else "gray" if queries >= GRAY_MIN_QUERIES else "mask"
+        if name not in LAYOUT_KERNELS[self.layout]:
+            raise ValueError(
+                f"kernel {name!r} does not read the {self.layout!r} layout (its kernels: "
+                f"'auto', {', '.join(map(repr, LAYOUT_KERNELS[self.layout]))}); pick the "
+                "layout when making the PIRServer"
+            )
+        return name
+
+    def part(self, lo: int, hi: int) -> np.ndarray:
+        """Rows lo..hi (lo a multiple of 8) as the kernels take them."""
+        return self.data[lo // 8 : -(-hi // 8)] if self.layout == "blocks" else self.data[lo:hi]
+
+    def accumulators(self, queries: int, kernel: str) -> np.ndarray:
+        """Zeroed answers in the kernel's form: the gray kernel's rows are whole 64-byte slabs;
+        the affine kernel's are blocks of 8 queries (see `_answer_affine`)."""
+        if kernel == "affine":
+            return np.zeros((-(-queries // 8), self.width, 8), np.uint64)
+        return np.zeros(
+            (queries, -(-self.width // 8) * 8 if kernel == "gray" else self.width), np.uint64
+        )
+
+    def answers(self, acc: np.ndarray, queries: int) -> np.ndarray:
+        """(queries, width) uint64 answers from a kernel's accumulators."""
+        if acc.ndim == 2:
+            return acc[:, : self.width]
+        by_query = acc.view(np.uint8).reshape(acc.shape[0], self.width, 8, 8).transpose(0, 3, 1, 2)
+        rows = by_query.reshape(-1, self.width * 8)[:queries]
+        return np.ascontiguousarray(rows).view(np.uint64)
 
 
-def _accumulators(queries: int, width: int, kernel: str) -> np.ndarray:
-    """Zeroed answers; the gray kernel's rows are whole 64-byte slabs (padding cut off later)."""
-    return np.zeros((queries, -(-width // 8) * 8 if kernel == "gray" else width), np.uint64)
-
-
-def answer_batch(table: np.ndarray, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
-    """E @ T over GF(2): table (rows, words) uint64, the keys' answers (queries, words).
+def answer_batch(table: ServerTable, batch: KeyBatch, kernel: str = "auto") -> np.ndarray:
+    """E @ T over GF(2): the keys' answers (queries, width) uint64.
 
     One pass, the expansion chunked into it (see `plan_pass`): a chunk's bits come from
     `expand_below` for all keys at once (one AES call per level), right before the kernel XORs
     its rows in. Chunks past the last row (the padding to a power of two) are never expanded."""
-    queries, width = len(batch), table.shape[1]
-    kernel = _kernel_name(kernel, queries)
-    plan = plan_pass(*table.shape, queries, batch.domain_bits)
+    queries = len(batch)
+    kernel = table.kernel(kernel, queries)
+    plan = plan_pass(table.rows, table.width, queries, batch.domain_bits)
     seeds, t = node_seeds(batch, plan.level)
     seeds, t = seeds.transpose(1, 0, 2).copy(), t.T.copy()  # by node: one chunk contiguous
     ids, fn, chunk = itertools.count(), KERNELS[kernel], plan.chunk
 
     def work() -> np.ndarray:
-        acc, space = _accumulators(queries, width, kernel), thread_workspace()
+        acc, space = table.accumulators(queries, kernel), thread_workspace()
         while (j := next(ids)) < plan.count:  # itertools.count hands out each chunk once
             bits = expand_below(batch, seeds[j][:, None], t[j][:, None], plan.level, space, False)
-            part = table[j * chunk : (j + 1) * chunk]
-            fn(part, bits, acc, 0, part.shape[0])
+            lo, hi = j * chunk, min((j + 1) * chunk, table.rows)
+            fn(table.part(lo, hi), bits, acc, 0, hi - lo)
         return acc
 
     if plan.threads == 1:
-        return work()[:, :width]
+        return table.answers(work(), queries)
     jobs = [_pool(plan.threads).submit(work) for _ in range(plan.threads)]
-    return np.bitwise_xor.reduce([job.result() for job in jobs])[:, :width]
+    return table.answers(np.bitwise_xor.reduce([job.result() for job in jobs]), queries)
 
 
 def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -> list[np.ndarray]:
@@ -351,7 +579,8 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
     out: list[np.ndarray | None] = [None] * len(servers)
     groups: dict[int, list[int]] = {}
     for i, (server, k) in enumerate(zip(servers, keys, strict=True)):
-        plan = plan_pass(*server.words.shape, max(len(k), 1), server.spec.domain_bits)
+        table = server.table
+        plan = plan_pass(table.rows, table.width, max(len(k), 1), server.spec.domain_bits)
         if server._torch is None and len(k) and plan.count == 1 and plan.threads == 1:
             groups.setdefault(server.spec.domain_bits, []).append(i)
         else:
@@ -367,11 +596,12 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
         lo = 0
         for i in members:
             hi = lo + len(keys[i])
-            server, kernel = servers[i], _kernel_name("auto", hi - lo)
-            server.check(batch.take(slice(lo, hi)))
-            acc = _accumulators(hi - lo, server.words.shape[1], kernel)
-            KERNELS[kernel](server.words, bits[lo:hi], acc, 0, server.words.shape[0])
-            out[i], lo = acc[:, : server.words.shape[1]], hi
+            table = servers[i].table
+            kernel = table.kernel("auto", hi - lo)
+            servers[i].check(batch.take(slice(lo, hi)))
+            acc = table.accumulators(hi - lo, kernel)
+            KERNELS[kernel](table.part(0, table.rows), bits[lo:hi], acc, 0, table.rows)
+            out[i], lo = table.answers(acc, hi - lo), hi
     return out
 
 
@@ -393,9 +623,13 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the expansion and every kernel, so that a
     server's first query does not pay for it."""
     dpf_warm_up()
-    table, bits, acc = np.zeros((129, 1), np.uint64), np.zeros((1, 3), np.uint64), np.zeros((1, 8))
-    for fn in KERNELS.values():
-        fn(table, bits, acc.astype(np.uint64), 0, 129)
+    bits = np.zeros((9, 3), np.uint64)
+    for layout, kernels in LAYOUT_KERNELS.items():
+        if layout == "blocks" and not AFFINE:
+            continue
+        table = ServerTable.of(np.zeros((129, 1), np.uint64), layout)
+        for kernel in kernels:
+            KERNELS[kernel](table.part(0, 129), bits, table.accumulators(9, kernel), 0, 129)
 
 
 def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
@@ -410,11 +644,20 @@ def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
 class PIRServer:
     """One of the two servers: holds the table, answers batches of DPF keys in one pass.
 
-    device: "cpu" (the numba kernel), or a torch device such as "cuda" for the GPU path.
+    device: "cpu" (the numba kernels), or a torch device such as "cuda" for the GPU path.
     party: if given, keys for the other party are refused (a client mixed up its servers).
+    layout: how the CPU kernels hold the table (`ServerTable`): "auto" (blocks where the CPU
+    has GFNI, else rows), "rows" or "blocks". The blocks layout is a copy: the server then
+    holds its own table and the caller's array may be dropped.
     """
 
-    def __init__(self, table: np.ndarray, party: int | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        table: np.ndarray,
+        party: int | None = None,
+        device: str = "cpu",
+        layout: str = "auto",
+    ):
         table = np.asarray(table)
         if table.ndim == 0 or table.shape[0] == 0:
             raise ValueError(f"a PIR table needs at least one row, got shape {table.shape}")
@@ -423,8 +666,9 @@ class PIRServer:
         self.spec = TableSpec(table.shape[0], table.dtype, tuple(table.shape[1:]))
         self.party = party
         self.device = device
-        self.words = as_words(table)
-        self._torch = None if device == "cpu" else TorchAnswerer(self.words, device)
+        words = as_words(table)
+        self._torch = None if device == "cpu" else TorchAnswerer(words, device)
+        self.table = ServerTable.of(words, layout if self._torch is None else "rows")
 
     def check(self, keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
         """Parse keys and make sure they fit this table and party; ValueError says why not."""
@@ -444,7 +688,7 @@ class PIRServer:
         batch = self.check(keys)
         if self._torch is not None:
             return self._torch(expand(batch))
-        return answer_batch(self.words, batch, kernel)
+        return answer_batch(self.table, batch, kernel)
 
 
 class TorchAnswerer:
