@@ -220,14 +220,17 @@ def _correct_level(out, inp, t, cw_seed, cw_bits, next_inp, next_t, tweaks):
 
 
 def _finish_leaves(out, inp, t, cw_out):
-    """Leaf blocks: feed-forward of the value PRG, plus the output correction where t is set."""
-    keys, leaves, width = out.shape[:3]
+    """Leaf blocks: feed-forward of the value PRG, plus the output correction where t is set.
+    out and inp are (keys, leaves * words) and cw_out (keys, words), words = 2 * LEAF_BLOCKS:
+    flat rows, so each leaf's update is one run of contiguous words that LLVM vectorises."""
+    keys, leaves = t.shape
+    words = cw_out.shape[1]
     for key in numba.prange(keys):
         for i in range(leaves):
             mask = np.uint64(0) - t[key, i]
-            for w in range(width):
-                out[key, i, w, 0] ^= inp[key, i, w, 0] ^ (mask & cw_out[key, w, 0])
-                out[key, i, w, 1] ^= inp[key, i, w, 1] ^ (mask & cw_out[key, w, 1])
+            base = i * words
+            for w in range(words):
+                out[key, base + w] ^= inp[key, base + w] ^ (mask & cw_out[key, w])
 
 
 def serial_and_parallel(fn: Callable) -> dict[bool, Callable]:
@@ -486,8 +489,9 @@ def expand_below(
     _, aes_out = work.buffers(0)
     work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
     out = aes_out[: inp.size].reshape(inp.shape)
+    keys = t.shape[0]
     _LEAVES[t.size >= PARALLEL_MIN_NODES if parallel is None else parallel](
-        out, inp, t, batch.cw_out
+        out.reshape(keys, -1), inp.reshape(keys, -1), t, batch.cw_out.reshape(keys, -1)
     )
     words = out.reshape(t.shape[0], -1)
     if bits < LEAF_BITS:  # contiguous, as the PIR kernels are compiled for
