@@ -34,7 +34,6 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from llvmlite import binding as llvm
 from llvmlite import ir
 from numba.core import cgutils, types
 from numba.extending import intrinsic
@@ -50,6 +49,7 @@ from fedge.privacy.dpf import (
     thread_workspace,
 )
 from fedge.privacy.dpf import warm_up as dpf_warm_up
+from fedge.privacy.simd import SLAB, check_c_arrays, host_has, slab_ptr, word_ptr
 
 GRAY_MIN_QUERIES = 2  # one query streams the table with its accumulator in registers
 _LOWEST_BIT = np.array([0, 0, 1, 0, 2, 0, 1, 0, 3, 0, 1, 0, 2, 0, 1, 0], np.int64)
@@ -187,32 +187,17 @@ def _answer_stream(table, bits, acc, lo, hi):
                     acc[q, s + k] ^= a
 
 
-_SLAB = ir.VectorType(ir.IntType(64), 8)  # 64 bytes: one zmm, or two ymm registers
-
-
-def _slab(context, builder, array_type, array, offset):
-    """Pointer to the 8 words at flat `offset` of a C-contiguous array."""
-    data = context.make_array(array_type)(context, builder, array).data
-    return builder.bitcast(builder.gep(data, [offset]), _SLAB.as_pointer())
-
-
-def _check_c_arrays(*arrays: types.Type) -> None:
-    for a in arrays:
-        if not (isinstance(a, types.Array) and a.dtype == types.uint64 and a.layout == "C"):
-            raise numba.core.errors.TypingError(f"needs C-contiguous uint64 arrays, got {a}")
-
-
 @intrinsic
 def _xor_slab(typingctx, dst, d, a, i, b, j):
     """dst.flat[d : d+8] = a.flat[i : i+8] ^ b.flat[j : j+8], as one 512-bit vector XOR
     (numba leaves such 8-word loops scalar: it cannot prove the arrays do not overlap)."""
-    _check_c_arrays(dst, a, b)
+    check_c_arrays(dst, a, b)
 
     def codegen(context, builder, sig, args):
-        x = builder.load(_slab(context, builder, sig.args[2], args[2], args[3]), align=8)
-        y = builder.load(_slab(context, builder, sig.args[4], args[4], args[5]), align=8)
+        x = builder.load(slab_ptr(context, builder, sig.args[2], args[2], args[3]), align=8)
+        y = builder.load(slab_ptr(context, builder, sig.args[4], args[4], args[5]), align=8)
         builder.store(
-            builder.xor(x, y), _slab(context, builder, sig.args[0], args[0], args[1]), align=8
+            builder.xor(x, y), slab_ptr(context, builder, sig.args[0], args[0], args[1]), align=8
         )
         return context.get_dummy_value()
 
@@ -224,16 +209,16 @@ def _lookup_slabs(typingctx, acc, d, combos, word):
     """acc.flat[d : d+8] ^= the XOR over g < 16 of combos.flat[(16 g + c_g) * 8 :][:8],
     c_g = bits 4g..4g+3 of `word`: one 64-row block of one query, accumulated in a vector
     register, with acc loaded and stored once."""
-    _check_c_arrays(acc, combos)
+    check_c_arrays(acc, combos)
 
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
-        dst = _slab(context, builder, sig.args[0], args[0], args[1])
+        dst = slab_ptr(context, builder, sig.args[0], args[0], args[1])
         v = builder.load(dst, align=8)
         for g in range(16):
             c = builder.and_(builder.lshr(args[3], i64(4 * g)), i64(15))
             offset = builder.shl(builder.add(c, i64(16 * g)), i64(3))
-            slab = _slab(context, builder, sig.args[2], args[2], offset)
+            slab = slab_ptr(context, builder, sig.args[2], args[2], offset)
             v = builder.xor(v, builder.load(slab, align=8))
         builder.store(v, dst, align=8)
         return context.get_dummy_value()
@@ -269,15 +254,9 @@ _BYTES = ir.VectorType(ir.IntType(8), 64)
 _GF2P8AFFINE = ir.FunctionType(_BYTES, [_BYTES, _BYTES, ir.IntType(8)])
 
 
-def _host_has(*features: str) -> bool:
-    """Whether this CPU (as LLVM, which numba compiles for, sees it) has these features."""
-    host = llvm.get_host_cpu_features()
-    return all(host.get(f, False) for f in features)
-
-
 # GF2P8AFFINEQB on 512-bit vectors (Ice Lake and later, Zen 4 and later): the "blocks" layout and
 # its affine kernel; other CPUs keep the row layout and the stream/gray kernels.
-AFFINE = _host_has("gfni", "avx512f", "avx512bw")
+AFFINE = host_has("gfni", "avx512f", "avx512bw")
 
 
 def _affine_run(slabs: int):
@@ -288,7 +267,7 @@ def _affine_run(slabs: int):
 
     @intrinsic
     def run(typingctx, acc, a, blocks, b, stride, xq, x, groups):
-        _check_c_arrays(acc, blocks, xq)
+        check_c_arrays(acc, blocks, xq)
 
         def codegen(context, builder, sig, args):
             i64 = ir.IntType(64)
@@ -297,25 +276,24 @@ def _affine_run(slabs: int):
                 builder.module, _GF2P8AFFINE, "llvm.x86.vgf2p8affineqb.512"
             )
             dst = [
-                _slab(context, builder, sig.args[0], acc_, builder.add(a, i64(8 * s)))
+                slab_ptr(context, builder, sig.args[0], acc_, builder.add(a, i64(8 * s)))
                 for s in range(slabs)
             ]
             regs = [cgutils.alloca_once_value(builder, builder.load(p, align=8)) for p in dst]
-            data = context.make_array(sig.args[5])(context, builder, xq_).data
             with cgutils.for_range(builder, groups) as loop:
                 g = loop.index
-                word = builder.load(builder.gep(data, [builder.add(x, g)]))
-                lanes = builder.insert_element(ir.Constant(_SLAB, None), word, i64(0))
+                word = builder.load(word_ptr(context, builder, sig.args[5], xq_, builder.add(x, g)))
+                lanes = builder.insert_element(ir.Constant(SLAB, None), word, i64(0))
                 zeros = ir.Constant(ir.VectorType(ir.IntType(32), 8), [0] * 8)
                 lanes = builder.bitcast(builder.shuffle_vector(lanes, lanes, zeros), _BYTES)
                 row = builder.add(b, builder.mul(g, stride))
                 for s in range(slabs):
-                    ptr = _slab(
+                    ptr = slab_ptr(
                         context, builder, sig.args[2], blocks_, builder.add(row, i64(8 * s))
                     )
                     matrices = builder.bitcast(builder.load(ptr, align=8), _BYTES)
                     y = builder.call(affine, [lanes, matrices, ir.IntType(8)(0)])
-                    y = builder.xor(builder.load(regs[s]), builder.bitcast(y, _SLAB))
+                    y = builder.xor(builder.load(regs[s]), builder.bitcast(y, SLAB))
                     builder.store(y, regs[s])
             for p, reg in zip(dst, regs, strict=True):
                 builder.store(builder.load(reg), p, align=8)
@@ -335,23 +313,23 @@ _affine_8, _affine_4, _affine_2, _affine_1 = _AFFINE_RUNS
 def _transpose_bytes(typingctx, dst, d, src, s, stride):
     """dst.flat[d + g] byte j = src.flat[s + j * stride] byte g, for g, j < 8: 8 queries' words
     of one 64-row block become the 8 groups' query bytes the affine kernel broadcasts."""
-    _check_c_arrays(dst, src)
+    check_c_arrays(dst, src)
 
     def codegen(context, builder, sig, args):
         i64 = ir.IntType(64)
         dst_, d, src_, s, stride = args
-        data = context.make_array(sig.args[2])(context, builder, src_).data
-        v = ir.Constant(_SLAB, None)
+        v = ir.Constant(SLAB, None)
         for j in range(8):
             at = builder.add(s, builder.mul(stride, i64(j)))
-            v = builder.insert_element(v, builder.load(builder.gep(data, [at])), i64(j))
+            word = builder.load(word_ptr(context, builder, sig.args[2], src_, at))
+            v = builder.insert_element(v, word, i64(j))
         order = ir.Constant(
             ir.VectorType(ir.IntType(32), 64), [(o % 8) * 8 + o // 8 for o in range(64)]
         )
         v = builder.bitcast(v, _BYTES)
         v = builder.shuffle_vector(v, v, order)
         builder.store(
-            builder.bitcast(v, _SLAB), _slab(context, builder, sig.args[0], dst_, d), align=8
+            builder.bitcast(v, SLAB), slab_ptr(context, builder, sig.args[0], dst_, d), align=8
         )
         return context.get_dummy_value()
 
