@@ -16,6 +16,28 @@ def test_shares_xor_to_the_unit_vector(bits):
         assert np.flatnonzero(v).tolist() == [alpha]
 
 
+def test_aes_round_keys_match_fips_197():
+    """The key schedule the in-register AES uses: FIPS-197 appendix A.1's last round key."""
+    keys = dpf.round_keys(bytes.fromhex("2b7e151628aed2a6abf7158809cf4f3c"))
+    assert keys[0].tobytes().hex() == "2b7e151628aed2a6abf7158809cf4f3c"
+    assert keys[10].tobytes().hex() == "d014f9a8c9ee2589e13f0cc8b6630ca6"
+
+
+@pytest.mark.parametrize("bits", [1, 6, 9, dpf.LEAF_BITS, 11, 13, 16, 20])
+def test_leaf_values_in_registers_equal_the_cryptography_path(bits, monkeypatch):
+    """Where the CPU has VAES, leaves are computed with AES in registers: the same bits as
+    `cryptography`'s AES plus `_finish_leaves` (elsewhere only that path runs)."""
+    alphas = np.random.default_rng(bits).integers(0, 1 << bits, 9)
+    keys = dpf.gen_batch(alphas, bits)[0]
+    paths = []
+    for fused in [False] + [True] * dpf.VAES:
+        monkeypatch.setattr(dpf, "VAES", fused)
+        paths.append(dpf.expand(keys))
+        seeds, t = dpf.node_seeds(dpf.KeyBatch.of(keys), dpf.tree_depth(bits))
+        paths.append(dpf.expand_below(dpf.KeyBatch.of(keys), seeds, t, dpf.tree_depth(bits)))
+    assert all(np.array_equal(p, paths[0]) for p in paths)
+
+
 def test_batch_expansion_equals_one_key_at_a_time():
     alphas = np.array([0, 1, 127, 128, 1023, 1024, 4095, 2**14 - 1, 777])
     keys0, keys1 = dpf.gen_batch(alphas, 14)

@@ -7,10 +7,18 @@ to row i. Neither server alone learns anything about i.
 A server answers a whole batch in one pass over the table: with the batch's expansions as a bit
 matrix E (queries x rows), the answer is the GF(2) product E @ T. The expansion is chunked into
 the pass: the table is cut into chunks of rows that are subtrees of the DPF tree, and a thread
-expands every key's subtree for its chunk (a few hundred KiB of bits that stay in cache,
+expands every key's subtree for its chunk (up to 2 MiB of bits that stay in its L2 cache,
 instead of queries x rows / 8 bytes written to memory and read back) and at once runs the
 compiled kernel over the chunk's rows, for every row updating all queries (queries innermost),
-branchless. Threads take chunks as they free up. Three forms of the kernel:
+branchless. Threads take chunks as they free up. The kernel depends on how the server holds the
+table (`ServerTable`):
+
+- affine, on the "blocks" layout (CPUs with GFNI and AVX-512; the default there): the table is
+  stored once as 8x8 bit matrices (8 rows x one byte column each), and one GF2P8AFFINEQB
+  multiplies 8 of them by 8 queries' bits at once: 8 queries x 8 rows x 64 bits per
+  instruction, 8 instructions per 8 rows x 8 queries of 64-byte rows, accumulators in registers.
+
+On the "rows" layout (any CPU):
 
 - stream (1 query): acc ^= row & -bit(row) with acc in registers, at memory speed;
 - gray (2+ queries, four Russians): all 16 XOR combinations of 4 rows are built once (15 row
@@ -428,7 +436,7 @@ if AFFINE:  # never compiled elsewhere: LLVM cannot emit GF2P8AFFINEQB without G
     KERNELS["affine"] = _answer_affine_jit
 LAYOUT_KERNELS = {"rows": ("stream", "mask", "gray"), "blocks": ("affine",)}
 PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
-CHUNK_BITS = 1 << 22  # expanded bits (queries x rows) per chunk: 512 KiB, cache-resident
+CHUNK_BITS = 1 << 24  # expanded bits (queries x rows) per chunk: 2 MiB, an L2 cache
 CHUNKS_PER_THREAD = 4  # at least, so a thread slowed by other jobs does not hold up the pass
 
 
