@@ -55,7 +55,8 @@ def test_key_bytes_round_trip_and_size():
         for key in (k0, k1):
             data = key.to_bytes()
             depth = max(bits - dpf.LEAF_BITS, 0)
-            assert len(data) == dpf.key_size(bits) == 5 + 16 + 17 * depth + 16 * dpf.LEAF_BLOCKS
+            size = 5 + 16 + 17 * depth + 16 * dpf.leaf_blocks(bits)
+            assert len(data) == dpf.key_size(bits) == size
             back = dpf.DPFKey.from_bytes(data)
             assert back.to_bytes() == data
             if bits <= 20:

@@ -10,7 +10,8 @@ BGI-2016 (Fig. 1 with the early-termination optimisation):
   16 + 17*(n - LEAF_BITS) + 16*W bytes (plus a 5-byte header) and expansion touches
   L = 2^(n - LEAF_BITS) leaves: about 2L AES blocks for the tree and WL for the values, i.e.
   2^(n-7) * (1 + 2/W) blocks in all, against 3 * 2^(n-7) with one block per leaf (a domain
-  smaller than one leaf is that one leaf, cut to its 2^n bits);
+  smaller than one leaf is that one leaf with only the ceil(2^n / 128) blocks it needs,
+  `leaf_blocks(n)`, so small tables keep keys of 16 * (2 + that) bytes);
 - the PRG is fixed-key AES-128 in Matyas-Meyer-Oseas form, G(s) = pi(s ^ c) ^ s ^ c with one public
   tweak c per output (left child, right child, and the W leaf values), so all nodes of a level, of
   all keys of a batch, go through ONE AES-ECB call on a preallocated buffer;
@@ -69,9 +70,15 @@ def tree_depth(domain_bits: int) -> int:
     return max(domain_bits - LEAF_BITS, 0)
 
 
+def leaf_blocks(domain_bits: int) -> int:
+    """Output blocks per leaf: LEAF_BLOCKS, or, for a domain smaller than one leaf, only the
+    blocks its 2^n bits need (so small tables, e.g. co-design bins, keep small keys)."""
+    return min(LEAF_BLOCKS, 1 << max(domain_bits - 7, 0))
+
+
 def key_size(domain_bits: int) -> int:
     """Bytes of a serialized key: header, seed, per-level correction words, output correction."""
-    return _HEADER.size + 16 + 17 * tree_depth(domain_bits) + 16 * LEAF_BLOCKS
+    return _HEADER.size + 16 + 17 * tree_depth(domain_bits) + 16 * leaf_blocks(domain_bits)
 
 
 @dataclass(frozen=True)
@@ -83,7 +90,7 @@ class DPFKey:
     seed: np.ndarray  # (2,) uint64
     cw_seed: np.ndarray  # (depth, 2) uint64
     cw_bits: np.ndarray  # (depth, 2) uint64, control-bit corrections for (left, right)
-    cw_out: np.ndarray  # (LEAF_BLOCKS, 2) uint64
+    cw_out: np.ndarray  # (leaf_blocks(domain_bits), 2) uint64
 
     def to_bytes(self) -> bytes:
         head = _HEADER.pack(MAGIC, VERSION, self.party, self.domain_bits)
@@ -136,7 +143,8 @@ class DPFKey:
         if np.any(bits > 3):
             raise ValueError("DPF key control-bit corrections use only 2 bits per level; corrupted")
         cw_bits = np.stack([bits & 1, bits >> 1], axis=1).astype(np.uint64)
-        cw_out = np.frombuffer(data, np.uint64, 2 * LEAF_BLOCKS, pos).reshape(LEAF_BLOCKS, 2)
+        width = leaf_blocks(domain_bits)
+        cw_out = np.frombuffer(data, np.uint64, 2 * width, pos).reshape(width, 2)
         return cls(party, domain_bits, seed, cw_seed, cw_bits, cw_out)
 
 
@@ -186,9 +194,10 @@ def gen_batch(alphas: np.ndarray, domain_bits: int) -> tuple[list[DPFKey], list[
         s = child[:, rows, keep] ^ (mask & cw_s)
         t = tc[:, rows, keep] ^ (t & cw_t[rows, keep])
         cw_seed[:, level], cw_bits[:, level] = cw_s, cw_t
-    conv = _prg(s, T_VALUE)  # (party, key, LEAF_BLOCKS, 2)
+    width = leaf_blocks(domain_bits)
+    conv = _prg(s, T_VALUE[:width])  # (party, key, width, 2)
     low = alphas & ((1 << leaf_bits) - 1)
-    unit = np.zeros((k, LEAF_BLOCKS, 2), np.uint64)
+    unit = np.zeros((k, width, 2), np.uint64)
     unit.reshape(k, -1)[np.arange(k), low >> 6] = _ONE << (low & 63).astype(np.uint64)
     cw_out = conv[0] ^ conv[1] ^ unit
     keys = tuple(
@@ -421,7 +430,7 @@ class KeyBatch:
     seed: np.ndarray  # (keys, 2) uint64
     cw_seed: np.ndarray  # (depth, keys, 2) uint64
     cw_bits: np.ndarray  # (depth, keys, 2) uint64
-    cw_out: np.ndarray  # (keys, LEAF_BLOCKS, 2) uint64
+    cw_out: np.ndarray  # (keys, leaf_blocks(domain_bits), 2) uint64
 
     def __len__(self) -> int:
         return self.party.size
@@ -488,7 +497,7 @@ class KeyBatch:
             np.empty((n, 2), np.uint64),
             np.empty((depth, n, 2), np.uint64),
             np.empty((depth, n, 2), np.uint64),
-            np.empty((n, LEAF_BLOCKS, 2), np.uint64),
+            np.empty((n, leaf_blocks(bits), 2), np.uint64),
         )
         if not _split_keys(
             raw, np.frombuffer(_HEADER.pack(MAGIC, VERSION, 0, bits), np.uint8), *fields
@@ -522,7 +531,7 @@ def expand(keys: KeyBatch | Sequence[DPFKey]) -> np.ndarray:
     huge domains, per group of keys that fits EXPAND_BUFFER_BYTES). A PIR server does not call
     this on big tables: it expands subtree by subtree along its pass (`expand_below`)."""
     batch = keys if isinstance(keys, KeyBatch) else KeyBatch.of(keys)
-    per_key = 16 * LEAF_BLOCKS << tree_depth(batch.domain_bits)  # the leaves: the widest level
+    per_key = 16 * leaf_blocks(batch.domain_bits) << tree_depth(batch.domain_bits)  # the leaves
     group = max(1, EXPAND_BUFFER_BYTES // per_key)
     if len(batch) > group:
         return np.concatenate(
@@ -561,13 +570,13 @@ def thread_workspace() -> Workspace:
 def _descend(batch, seeds, t, level, stop, work, parallel, leaf_tweaks=None):
     """Walk nodes (keys, m) at `level` down to level `stop` <= depth, one AES call per level
     for all keys and nodes. Returns the AES inputs of the nodes at `stop`, (keys, nodes,
-    tweaks, 2) (tweaked for children, or at the depth with `leaf_tweaks`: T_VALUE for the AES
-    call of the leaf values, SEED_ONLY for the seeds themselves), and their control bits
-    (keys, nodes)."""
-    depth = tree_depth(batch.domain_bits)
-    leaf_tweaks = T_VALUE if leaf_tweaks is None else leaf_tweaks
+    tweaks, 2) (tweaked for children, or at the depth with `leaf_tweaks`: by default the value
+    tweaks, for the AES call of the leaf values; SEED_ONLY for the seeds themselves), and their
+    control bits (keys, nodes)."""
+    depth, width = tree_depth(batch.domain_bits), leaf_blocks(batch.domain_bits)
+    leaf_tweaks = T_VALUE[:width] if leaf_tweaks is None else leaf_tweaks
     k, m = t.shape
-    per_node = 2 * LEAF_BLOCKS if stop == depth else 4  # words of AES input per node at `stop`
+    per_node = 2 * width if stop == depth else 4  # words of AES input per node at `stop`
     bufs, aes_out = work.buffers(k * m * (per_node << (stop - level)))  # the widest level
     tweaks = BRANCH if level < depth else leaf_tweaks
     inp = bufs[0][: k * m * tweaks.size].reshape(k, m, -1, 2)
@@ -613,23 +622,24 @@ def expand_below(
     bits past its end cleared."""
     work = work or Workspace()
     bits = batch.domain_bits
-    depth, fused = tree_depth(bits), VAES
+    depth, width = tree_depth(bits), leaf_blocks(bits)
+    fused = VAES and width == LEAF_BLOCKS  # a domain smaller than one leaf: a few blocks
     inp, t = _descend(batch, seeds, t, level, depth, work, parallel, SEED_ONLY if fused else None)
     _, aes_out = work.buffers(0)
     keys, threads = t.shape[0], t.size >= PARALLEL_MIN_NODES if parallel is None else parallel
     cw_out = np.ascontiguousarray(batch.cw_out.reshape(keys, -1))
     if fused:
-        words = aes_out[: t.size * 2 * LEAF_BLOCKS].reshape(keys, -1)
+        words = aes_out[: t.size * 2 * width].reshape(keys, -1)
         t = np.ascontiguousarray(t)
         _AES_LEAVES[threads](words, inp.reshape(keys, -1), t, cw_out, _VALUE_TWEAKS, _ROUND_KEYS)
     else:
         work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
         words = aes_out[: inp.size].reshape(keys, -1)
         _LEAVES[threads](words, inp.reshape(keys, -1), t, cw_out)
-    if bits < LEAF_BITS:  # contiguous, as the PIR kernels are compiled for
-        words = words[:, : -(-(1 << bits) // 64)].copy()
-        if bits < 6:
-            words &= np.uint64((1 << (1 << bits)) - 1)
+    if bits < 6:  # less than a word; one block: keep a word, contiguous as the kernels want
+        words = words[:, :1] & np.uint64((1 << (1 << bits)) - 1)
+    elif bits == 6:
+        words = words[:, :1].copy()
     return words
 
 
