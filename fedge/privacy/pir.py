@@ -87,7 +87,7 @@ class TableSpec:
         """uint64 words per row, the row padded with zero bytes to a multiple of 8."""
         return max(1, -(-self.row_bytes // 8))
 
-    @property
+    @functools.cached_property
     def domain_bits(self) -> int:
         return domain_bits_for(self.num_rows)
 
@@ -571,20 +571,23 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
             groups.setdefault(server.spec.domain_bits, []).append(i)
         else:
             out[i] = server.answer(k)
-    for members in groups.values():
+    for domain_bits, members in groups.items():
         try:
             batch = as_batch([key for i in members for key in keys[i]])
+            if batch.domain_bits != domain_bits:
+                raise ValueError("keys for another domain")
         except ValueError:  # name the table and key: check each list on its own
             for i in members:
                 servers[i].check(keys[i])
             raise
         bits = expand_below(batch, batch.seed[:, None, :], batch.party.reshape(-1, 1), 0)
         lo = 0
-        for i in members:
+        for i in members:  # per table only what differs: its party, its kernel over its rows
             hi = lo + len(keys[i])
-            table = servers[i].table
+            party, table = servers[i].party, servers[i].table
+            if party is not None and (batch.party[lo:hi] != party).any():
+                servers[i].check(keys[i])  # raises, naming the key
             kernel = table.kernel("auto", hi - lo)
-            servers[i].check(batch.take(slice(lo, hi)))
             acc = table.accumulators(hi - lo, kernel)
             KERNELS[kernel](table.part(0, table.rows), bits[lo:hi], acc, 0, table.rows)
             out[i], lo = table.answers(acc, hi - lo), hi

@@ -164,8 +164,7 @@ def serve(
     path = Path(table_path)
     if path.suffix != ".npy" or not path.is_file():
         raise ValueError(f"--table must be an existing .npy file, got {table_path!r}")
-    table = np.load(path, allow_pickle=False)
-    handler = _Handler(table, party)
+    handler = _Handler(np.load(path, allow_pickle=False), party)  # the server keeps its layout
     warm_up()  # compile before announcing: a first query must not time out on compilation
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_OPTIONS)
     methods = {
