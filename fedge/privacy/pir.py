@@ -435,7 +435,7 @@ KERNELS = {"stream": _answer_stream_jit, "mask": _answer_mask_jit, "gray": _answ
 if AFFINE:  # never compiled elsewhere: LLVM cannot emit GF2P8AFFINEQB without GFNI
     KERNELS["affine"] = _answer_affine_jit
 LAYOUT_KERNELS = {"rows": ("stream", "mask", "gray"), "blocks": ("affine",)}
-PARALLEL_MIN_WORDS = 1 << 22  # table words x queries below which one thread answers
+PARALLEL_MIN_WORK = 1 << 21  # pass_work below which one thread answers (about 2 ms of it)
 CHUNK_BITS = 1 << 24  # expanded bits (queries x rows) per chunk: 2 MiB, an L2 cache
 CHUNKS_PER_THREAD = 4  # at least, so a thread slowed by other jobs does not hold up the pass
 
@@ -456,10 +456,19 @@ class PassPlan:
     threads: int
 
 
+def pass_work(rows: int, words: int, queries: int) -> float:
+    """A pass's cost in table words read, about a nanosecond each: reading the table, plus the
+    products, which on the vector kernels cost about as much as reading a word per 64 queries.
+    Threads pay off only on passes of a few milliseconds (each costs a hand-off, its own
+    expansion calls and a reduction), so small passes, e.g. a co-design's hot table and bins,
+    run on one thread and leave the other core to the next request."""
+    return rows * words * (1 + queries / 64)
+
+
 def plan_pass(rows: int, words: int, queries: int, domain_bits: int) -> PassPlan:
-    """Chunks of about CHUNK_BITS expanded bits (at least one leaf, 128 rows), and at least
+    """Chunks of about CHUNK_BITS expanded bits (at least one leaf, 1024 rows), and at least
     CHUNKS_PER_THREAD per thread when the pass is big enough for threads."""
-    parallel = rows >= 1 << 12 and rows * words * queries >= PARALLEL_MIN_WORDS
+    parallel = rows >= 1 << 12 and pass_work(rows, words, queries) >= PARALLEL_MIN_WORK
     threads = numba.get_num_threads() if parallel else 1
     log_chunk = (CHUNK_BITS // queries).bit_length() - 1
     if threads > 1:
