@@ -81,10 +81,12 @@ def peak_mib(fn) -> float:
     return peak / 2**20
 
 
-def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> list[dict]:
+def bench_table(
+    rows: int, batches: list[int], repeats: int, naive_max: int, device: str
+) -> list[dict]:
     rng = np.random.default_rng(rows)
     table = rng.integers(0, 2**63, (rows, ROW_BYTES // 8), dtype=np.uint64)
-    server = PIRServer(table, party=0)
+    server = PIRServer(table, party=0, device=device)
     rows_server = PIRServer(table, party=0, layout="rows")
     server.answer(query([0], rows)[0])  # warm-up: numba caches, page faults
     flat = table.reshape(-1)
@@ -112,7 +114,7 @@ def bench_table(rows: int, batches: list[int], repeats: int, naive_max: int) -> 
             "fedge_q_per_cpu_s": batch / cpu_s,
             "fedge_cpu_ms": cpu_s * 1e3,
             "expansion_cpu_ms": expand_s * 1e3,
-            "kernel": server.table.kernel("auto", batch),
+            "kernel": server.table.kernel("auto", batch) if device == "cpu" else f"torch {device}",
             "rows_layout_qps": batch / rows_s,
             "mask_kernel_qps": batch / mask_s,
             "naive_qps": batch / naive_s,
@@ -170,17 +172,23 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--naive-max", type=int, default=8, help="naive queries timed per batch")
     parser.add_argument("--json", default="", help="also write results to this JSON file")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="fedge's answer step: cpu (numba) or a torch device such as cuda (the peers stay "
+        "on the CPU)",
+    )
     args = parser.parse_args()
     sizes = [int(x) for x in args.log_rows.split(",")] + ([24] if args.gib else [])
     batches = [int(x) for x in args.batches.split(",")]
     load = os.getloadavg()
     print(
-        f"numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, load average "
-        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes share these cores)"
+        f"fedge on {args.device}, numba threads {numba.get_num_threads()}, cpus {os.cpu_count()}, "
+        f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (shared cores)"
     )
     results = []
     for log_rows in sizes:
-        results += bench_table(1 << log_rows, batches, args.repeats, args.naive_max)
+        results += bench_table(1 << log_rows, batches, args.repeats, args.naive_max, args.device)
     print(markdown(results))
     end = os.getloadavg()
     print(f"load average at the end {end[0]:.2f} {end[1]:.2f} {end[2]:.2f}")

@@ -163,11 +163,14 @@ def _torch_devices():
     return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
 
 
+@pytest.mark.parametrize("queries", [5, 40])
 @pytest.mark.parametrize("device", _torch_devices())
-def test_torch_answer_path_equals_numba(device):
+def test_torch_answer_path_equals_numba(device, queries):
+    """The integer-product answer (int8 bits, int32 sums, parity) in blocks of rows, for fewer
+    queries than `_int_mm` takes (padded) and more."""
     rng = np.random.default_rng(3)
     table = _table(rng, 5000, (10,), np.float16)
-    indices = np.array([0, 4999, 123, 64, 4095])
+    indices = np.concatenate([[0, 4999, 123, 64, 4095], rng.integers(0, 5000, queries - 5)])
     keys_a, keys_b = pir.query(indices, table.shape[0])
     for party, keys in ((0, keys_a), (1, keys_b)):
         cpu = pir.PIRServer(table, party).answer(keys)
