@@ -589,7 +589,8 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
             for i in members:
                 servers[i].check(keys[i])
             raise
-        bits = expand_below(batch, batch.seed[:, None, :], batch.party.reshape(-1, 1), 0)
+        seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
+        bits = expand_below(batch, seeds, t, 0, thread_workspace())  # used before the next call
         lo = 0
         for i in members:  # per table only what differs: its party, its kernel over its rows
             hi = lo + len(keys[i])
