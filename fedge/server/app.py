@@ -27,7 +27,13 @@ from rich.console import Console
 from fedge.config import RunConfig
 from fedge.data.shared import Federation, client_split, federation
 from fedge.server.checkpoint import resume_point, save_round
-from fedge.server.divergence import ShadowSGD, client_drift, label_skew, weight_divergence
+from fedge.server.divergence import (
+    NUM_EXAMPLES,
+    ShadowSGD,
+    client_drift,
+    label_skew,
+    weight_divergence,
+)
 from fedge.server.history import History, load_history, summarize_evaluate, summarize_train
 from fedge.server.local_grid import error_reply
 from fedge.server.validation import check_update
@@ -41,7 +47,7 @@ console = Console(highlight=False, soft_wrap=True)
 
 
 # (training reply, the instruction it answers) -> why it must not be aggregated, or None
-ReplyCheck = Callable[[Message, Message], str | None]
+ReplyCheck = Callable[[Message, Message], tuple[str | None, float | None]]  # reason, drift
 
 
 class RoundObserver(Grid):
@@ -49,7 +55,8 @@ class RoundObserver(Grid):
 
     The strategy never knows it is there; the server reads device metrics and failures
     from what it saw. Training replies that fail `check` reach the strategy as error
-    replies naming the reason (so they are never aggregated), counted in `rejected`.
+    replies naming the reason (so they are never aggregated), counted in `rejected`; the
+    accepted ones' drift (which `check` measures) makes the round's drift metrics.
     """
 
     def __init__(self, grid: Grid, check: ReplyCheck | None = None) -> None:
@@ -57,6 +64,7 @@ class RoundObserver(Grid):
         self.check = check
         self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
         self.rejected = 0  # training replies refused since the last take_rejected()
+        self.drift: list[tuple[float, float]] = []  # (drift, n_k) of accepted training replies
 
     def set_run(self, run_id: int) -> None:
         self.grid.set_run(run_id)
@@ -95,7 +103,10 @@ class RoundObserver(Grid):
         screened = []
         for reply in replies:
             node = reply.metadata.src_node_id
-            reason = self.check(reply, sent[node]) if node in sent else None
+            reason, drift = self.check(reply, sent[node]) if node in sent else (None, None)
+            if drift is not None and not reason:
+                metrics = reply.content.metric_records.get("metrics", {})
+                self.drift.append((drift, float(metrics.get(NUM_EXAMPLES, 1.0))))
             if reason:
                 console.print(f"rejected the update of node {node}: {reason}")
                 self.rejected += 1
@@ -110,6 +121,11 @@ class RoundObserver(Grid):
     def take_rejected(self) -> int:
         rejected, self.rejected = self.rejected, 0
         return rejected
+
+    def take_drift(self) -> dict[str, float]:
+        """The last round's `drift_mean` and `drift_max` (see `client_drift`)."""
+        drift, self.drift = self.drift, []
+        return client_drift([d for d, _ in drift], [n for _, n in drift])
 
 
 class Resumed(Strategy):
@@ -308,7 +324,6 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         f"{cfg.sampled_per_round}/{cfg.num_clients} clients a round, {cfg.rounds} rounds -> {out}"
     )
     clock = {"t": time.perf_counter()}
-    sent: dict[str, ArrayRecord] = {}  # the global model the clients trained from this round
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
@@ -320,7 +335,6 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             start = f"round {done} model" if done else "initial model"
             console.print(f"{start}: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
             clock["t"] = time.perf_counter()
-            sent["arrays"] = arrays
             return MetricRecord(metrics)
         replies, unanswered = observer.take(MessageType.TRAIN)
         train = summarize_train(replies)
@@ -329,7 +343,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             train["failure_reasons"].append(f"{unanswered} node(s) never answered")
         record = {"round": server_round, **metrics, **train, **label_skew(replies)}
         record["rejected"] = observer.take_rejected()
-        record.update(client_drift(replies, sent["arrays"]))
+        record.update(observer.take_drift())
         record.update(privacy_spent(strategy))
         if shadow is not None:
             # Zhao: T local steps <-> T SGD steps; FedAvg weights client k by n_k, so do we
@@ -338,7 +352,6 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             steps = round(np.average([r["steps"] for r in ok], weights=weights)) if ok else 0
             lr = cfg.lr * cfg.lr_decay ** (server_round - 1)
             record.update(weight_divergence(arrays, shadow.step(server_round, steps, lr)))
-        sent["arrays"] = arrays
         record.update(summarize_evaluate(observer.take(MessageType.EVALUATE)[0]))
         record["seconds"] = time.perf_counter() - clock["t"]
         save_round(out, server_round, model, strategy)

@@ -3,7 +3,8 @@ weight divergence from centralized SGD.
 
 - `label_skew`: n_k-weighted mean and max EMD of the clients that trained this round (each
   client reports the EMD of its training data, G included, as the metric `emd`).
-- `client_drift`: ||w_k - w_t|| / ||w_t|| of each reply against the model it was sent.
+- `client_drift`: ||w_k - w_t|| / ||w_t|| of each reply against the model it was sent (the
+  server measures it once per reply while validating the update).
 - `ShadowSGD` + `weight_divergence`: a centralized SGD run on the pooled client data from
   the same initial weights; as in Zhao et al.'s analysis, m rounds of T local steps are
   matched with mT centralized steps (same batch size, learning rate and momentum);
@@ -22,7 +23,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message
+from flwr.app import Message
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -82,14 +83,13 @@ def label_skew(replies: Iterable[Message]) -> dict[str, float]:
     return emd_summary([float(r["emd"]) for r in rows], [float(r[NUM_EXAMPLES]) for r in rows])
 
 
-def client_drift(replies: Iterable[Message], sent: ArrayRecord) -> dict[str, float]:
-    """`drift_mean` (n_k-weighted) and `drift_max` of ||w_k - w_t|| / ||w_t||."""
-    ok = [m for m in _ok(replies) if "arrays" in m.content.array_records]
-    if not ok:
+def client_drift(drift: Sequence[float], num_examples: Sequence[float]) -> dict[str, float]:
+    """`drift_mean` (n_k-weighted) and `drift_max` of the round's ||w_k - w_t|| / ||w_t||,
+    one per accepted reply (`relative_distance`, taken by the server's update check)."""
+    if not len(drift):
         return {}
-    drift = np.array([relative_distance(m.content["arrays"], sent) for m in ok])
-    n = np.array([float(m.content["metrics"][NUM_EXAMPLES]) for m in ok])
-    return {"drift_mean": float((drift * n).sum() / n.sum()), "drift_max": float(drift.max())}
+    d, n = np.asarray(drift, float), np.asarray(num_examples, float)
+    return {"drift_mean": float((d * n).sum() / n.sum()), "drift_max": float(d.max())}
 
 
 class ShadowSGD:

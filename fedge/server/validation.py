@@ -52,8 +52,10 @@ def check_update(
     sent: Mapping[str, np.ndarray],
     reference: ArrayRecord,
     max_update_norm: float,
-) -> str | None:
-    """Why this training reply must not reach aggregation, or None if it may.
+) -> tuple[str | None, float | None]:
+    """Why this training reply must not reach aggregation (None if it may), and its drift
+    ||w_k - w_t|| / ||w_t|| (None if the model was not readable), measured here once so that
+    the round's drift metrics need no second decode.
 
     `sent` is the global model the client trained from (decoded once per round by the
     caller); `reference` is the server's own model (its shapes and dtypes: FedAvg may have
@@ -61,23 +63,20 @@ def check_update(
     check off.
     """
     if reply.has_error():
-        return None  # already a failure
+        return None, None  # already a failure
     if MODEL_RECORD not in reply.content.array_records:
-        return f"the reply has no {MODEL_RECORD!r} ArrayRecord"
+        return f"the reply has no {MODEL_RECORD!r} ArrayRecord", None
     reason = check_arrays(reply.content.array_records[MODEL_RECORD], reference)
     if reason:
-        return reason
+        return reason, None
     for name, record in reply.content.array_records.items():
         values, reason = decode_finite(record)
         if reason:
-            return reason
+            return reason, None
         if name == MODEL_RECORD:
             model = values
-    if max_update_norm > 0:
-        ratio = relative_distance(model, sent)
-        if ratio > max_update_norm:
-            return (
-                f"update norm is {ratio:.3g} x the model's norm (limit {max_update_norm:g}: "
-                "--max-update-norm)"
-            )
-    return None
+    drift = relative_distance(model, sent)
+    if 0 < max_update_norm < drift:
+        limit = f"limit {max_update_norm:g}: --max-update-norm"
+        return f"update norm is {drift:.3g} x the model's norm ({limit})", drift
+    return None, drift
