@@ -150,6 +150,17 @@ def test_answer_many_equals_one_answer_per_table():
     got = pir.answer_many(servers, keys)
     for server, k, answer in zip(servers, keys, got, strict=True):
         assert np.array_equal(answer, server.answer(k))
+    # made together, the blocks layouts of one width share a buffer: one call for a group
+    together = pir.PIRServer.many(tables, party=0)
+    if pir.AFFINE:
+        assert together[0].table.pool is together[2].table.pool is not None
+        assert together[4].table.pool is not together[5].table.pool  # widths 8 and 3
+    for answer, mine in zip(got, pir.answer_many(together, keys), strict=True):
+        assert np.array_equal(mine, answer)
+    subset = [2, 0, 1]  # any subset of a shared buffer, in any order
+    mine = pir.answer_many([together[i] for i in subset], [keys[i] for i in subset])
+    for i, answer in zip(subset, mine, strict=True):
+        assert np.array_equal(answer, got[i])
     bad = [keys[0], [keys[1][0][:-1]]]
     with pytest.raises(ValueError, match="key 0: DPF key for a 2\\^9 domain must be"):
         pir.answer_many(servers[:2], bad)

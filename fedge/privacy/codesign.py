@@ -120,8 +120,9 @@ class Layout:
 
 
 def serve_pair(tables: list[np.ndarray]) -> tuple[list[PIRServer], list[PIRServer]]:
-    """Both parties' servers for every table of a layout."""
-    return [PIRServer(t, 0) for t in tables], [PIRServer(t, 1) for t in tables]
+    """Both parties' servers for every table of a layout (sharing one buffer per party where
+    they can, so that a party answers all bins of a batch in one call)."""
+    return PIRServer.many(tables, 0), PIRServer.many(tables, 1)
 
 
 def fetch(

@@ -418,13 +418,25 @@ def _fill_blocks(raw, out):
             out[g, c] = d
 
 
-def blocks_layout(words: np.ndarray) -> np.ndarray:
+def blocks_layout(words: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The table (rows, width) uint64 as the affine kernel reads it: (ceil(rows / 8), width, 8)
-    uint64, one 8x8 bit matrix per 8-row group and byte column (a copy, built in parallel)."""
+    uint64, one 8x8 bit matrix per 8-row group and byte column (a copy, built in parallel;
+    into `out`, (ceil(rows / 8), width * 8) uint64, if given)."""
     rows, width = words.shape
-    out = np.empty((-(-rows // 8), width * 8), np.uint64)
+    out = np.empty((-(-rows // 8), width * 8), np.uint64) if out is None else out
     _fill_blocks(np.ascontiguousarray(words).view(np.uint8).reshape(rows, width * 8), out)
     return out.reshape(-1, width, 8)
+
+
+@numba.njit(cache=True, nogil=True)
+def _answer_affine_pooled(pool, firsts, rows, bits, bounds, acc, qblocks):
+    """The affine kernel for many tables that share one blocks buffer (`ServerTable.many`),
+    in one call: table i is groups firsts[i].. of `pool`, answers keys bounds[i]..bounds[i+1]
+    of `bits` into query blocks qblocks[i]..qblocks[i+1] of `acc`."""
+    for i in range(firsts.shape[0]):
+        groups = pool[firsts[i] : firsts[i] + (rows[i] + 7) // 8]
+        keys, blocks = bits[bounds[i] : bounds[i + 1]], acc[qblocks[i] : qblocks[i + 1]]
+        _answer_affine_jit(groups, keys, blocks, 0, rows[i])
 
 
 _answer_mask_jit = numba.njit(cache=True, nogil=True)(_answer_mask)
@@ -487,6 +499,8 @@ class ServerTable:
     rows: int
     width: int  # uint64 words per row
     layout: str
+    pool: np.ndarray | None = None  # the blocks buffer `data` is part of, when shared (`many`)
+    first: int = 0  # and the 8-row group of `pool` where `data` starts
 
     @classmethod
     def of(cls, words: np.ndarray, layout: str = "auto") -> ServerTable:
@@ -500,6 +514,26 @@ class ServerTable:
             raise ValueError("the blocks layout needs a CPU with GFNI and AVX-512; use 'rows'")
         data = blocks_layout(words) if layout == "blocks" else words
         return cls(data, words.shape[0], words.shape[1], layout)
+
+    @classmethod
+    def many(cls, words: Sequence[np.ndarray], layout: str = "auto") -> list[ServerTable]:
+        """Lay out many tables; in the blocks layout, the tables of each row width share one
+        buffer, so `answer_many` runs the affine kernel over such a group in one call."""
+        if (layout if layout != "auto" else "blocks" if AFFINE else "rows") != "blocks":
+            return [cls.of(w, layout) for w in words]
+        tables: list[ServerTable] = [None] * len(words)  # type: ignore[list-item]
+        by_width: dict[int, list[int]] = {}
+        for i, w in enumerate(words):
+            by_width.setdefault(w.shape[1], []).append(i)
+        for width, members in by_width.items():
+            groups = [-(-words[i].shape[0] // 8) for i in members]
+            flat = np.empty((sum(groups), width * 8), np.uint64)
+            pool, first = flat.reshape(-1, width, 8), 0
+            for i, g in zip(members, groups, strict=True):
+                data = blocks_layout(words[i], flat[first : first + g])
+                tables[i] = cls(data, words[i].shape[0], width, "blocks", pool, first)
+                first += g
+        return tables
 
     def kernel(self, name: str, queries: int) -> str:
         """The kernel to run: "auto" picks this layout's best for the batch size."""
@@ -589,19 +623,53 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
             for i in members:
                 servers[i].check(keys[i])
             raise
+        counts = [len(keys[i]) for i in members]
+        bounds = np.cumsum([0, *counts])
+        party = [-1 if servers[i].party is None else servers[i].party for i in members]
+        wrong = np.repeat(party, counts)  # each table checks only what differs: its party
+        wrong = (wrong >= 0) & (wrong != batch.party)
+        if wrong.any():  # raises, naming the table's key
+            i = members[int(np.searchsorted(bounds, np.argmax(wrong), "right")) - 1]
+            servers[i].check(keys[i])
         seeds, t = batch.seed[:, None, :], batch.party.reshape(-1, 1)
         bits = expand_below(batch, seeds, t, 0, thread_workspace())  # used before the next call
-        lo = 0
-        for i in members:  # per table only what differs: its party, its kernel over its rows
-            hi = lo + len(keys[i])
-            party, table = servers[i].party, servers[i].table
-            if party is not None and (batch.party[lo:hi] != party).any():
-                servers[i].check(keys[i])  # raises, naming the key
-            kernel = table.kernel("auto", hi - lo)
-            acc = table.accumulators(hi - lo, kernel)
-            KERNELS[kernel](table.part(0, table.rows), bits[lo:hi], acc, 0, table.rows)
-            out[i], lo = table.answers(acc, hi - lo), hi
+        tables = [servers[i].table for i in members]
+        pooled = tables[0].pool is not None and all(t.pool is tables[0].pool for t in tables)
+        answers = (
+            _pooled_answers(tables, bits, bounds)
+            if pooled
+            else _table_answers(tables, bits, bounds)
+        )
+        for i, answer in zip(members, answers, strict=True):
+            out[i] = answer
     return out
+
+
+def _table_answers(
+    tables: Sequence[ServerTable], bits: np.ndarray, bounds: np.ndarray
+) -> list[np.ndarray]:
+    """Each table's kernel over its rows for its keys (bits[bounds[i]:bounds[i + 1]])."""
+    out = []
+    for table, lo, hi in zip(tables, bounds[:-1], bounds[1:], strict=True):
+        kernel = table.kernel("auto", hi - lo)
+        acc = table.accumulators(hi - lo, kernel)
+        KERNELS[kernel](table.part(0, table.rows), bits[lo:hi], acc, 0, table.rows)
+        out.append(table.answers(acc, hi - lo))
+    return out
+
+
+def _pooled_answers(
+    tables: Sequence[ServerTable], bits: np.ndarray, bounds: np.ndarray
+) -> list[np.ndarray]:
+    """What `_table_answers` returns, for tables sharing one blocks buffer: one compiled call."""
+    counts = np.diff(bounds)
+    qblocks = np.concatenate([[0], np.cumsum(-(-counts // 8))])
+    acc = np.zeros((qblocks[-1], tables[0].width, 8), np.uint64)
+    firsts = np.array([t.first for t in tables], np.int64)
+    rows = np.array([t.rows for t in tables], np.int64)
+    _answer_affine_pooled(tables[0].pool, firsts, rows, bits, bounds, acc, qblocks)
+    flat = tables[0].answers(acc, 8 * int(qblocks[-1]))
+    return [flat[8 * qb : 8 * qb + n] for qb, n in zip(qblocks[:-1], counts, strict=True)]
 
 
 def default_device() -> str:
@@ -668,6 +736,19 @@ class PIRServer:
         words = as_words(table)
         self._torch = None if device == "cpu" else TorchAnswerer(words, device)
         self.table = ServerTable.of(words, layout if self._torch is None else "rows")
+
+    @classmethod
+    def many(
+        cls, tables: Sequence[np.ndarray], party: int | None = None, layout: str = "auto"
+    ) -> list[PIRServer]:
+        """CPU servers for many tables at once (a co-design's bins): in the blocks layout,
+        tables of one row width share one buffer (`ServerTable.many`), and `answer_many` then
+        answers a batch for all of them in one compiled call instead of one per table."""
+        servers = [cls(t, party, layout="rows") for t in tables]  # checks; rows are views
+        laid_out = ServerTable.many([s.table.data for s in servers], layout)
+        for server, table in zip(servers, laid_out, strict=True):
+            server.table = table
+        return servers
 
     def check(self, keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
         """Parse keys and make sure they fit this table and party; ValueError says why not."""
