@@ -313,8 +313,7 @@ def _affine_run(slabs: int):
     return run
 
 
-_AFFINE_RUNS = [_affine_run(n) for n in (8, 4, 2, 1)]
-_affine_8, _affine_4, _affine_2, _affine_1 = _AFFINE_RUNS
+_affine_8, _affine_4, _affine_2, _affine_1 = (_affine_run(n) for n in (8, 4, 2, 1))
 
 
 @intrinsic
@@ -504,23 +503,29 @@ class ServerTable:
 
     @classmethod
     def of(cls, words: np.ndarray, layout: str = "auto") -> ServerTable:
-        """Lay out (rows, width) words; "auto" takes "blocks" where the CPU has the affine
-        kernel. The rows layout keeps `words` itself (no copy)."""
+        """Lay out (rows, width) words (see `resolve`). The rows layout keeps `words` itself
+        (no copy)."""
+        layout = cls.resolve(layout)
+        data = blocks_layout(words) if layout == "blocks" else words
+        return cls(data, words.shape[0], words.shape[1], layout)
+
+    @staticmethod
+    def resolve(layout: str) -> str:
+        """The layout to use: "auto" takes "blocks" where the CPU has the affine kernel."""
         if layout == "auto":
-            layout = "blocks" if AFFINE else "rows"
+            return "blocks" if AFFINE else "rows"
         if layout not in LAYOUT_KERNELS:
             raise ValueError(f"layout must be 'auto', 'rows' or 'blocks', got {layout!r}")
         if layout == "blocks" and not AFFINE:
             raise ValueError("the blocks layout needs a CPU with GFNI and AVX-512; use 'rows'")
-        data = blocks_layout(words) if layout == "blocks" else words
-        return cls(data, words.shape[0], words.shape[1], layout)
+        return layout
 
     @classmethod
     def many(cls, words: Sequence[np.ndarray], layout: str = "auto") -> list[ServerTable]:
         """Lay out many tables; in the blocks layout, the tables of each row width share one
         buffer, so `answer_many` runs the affine kernel over such a group in one call."""
-        if (layout if layout != "auto" else "blocks" if AFFINE else "rows") != "blocks":
-            return [cls.of(w, layout) for w in words]
+        if cls.resolve(layout) != "blocks":
+            return [cls.of(w, "rows") for w in words]
         tables: list[ServerTable] = [None] * len(words)  # type: ignore[list-item]
         by_width: dict[int, list[int]] = {}
         for i, w in enumerate(words):
