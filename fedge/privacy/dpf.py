@@ -11,7 +11,7 @@ BGI-2016 (Fig. 1 with the early-termination optimisation):
   L = 2^(n - LEAF_BITS) leaves: about 2L AES blocks for the tree and WL for the values, i.e.
   2^(n-7) * (1 + 2/W) blocks in all, against 3 * 2^(n-7) with one block per leaf (a domain
   smaller than one leaf is that one leaf with only the ceil(2^n / 128) blocks it needs,
-  `leaf_blocks(n)`, so small tables keep keys of 16 * (2 + that) bytes);
+  `leaf_blocks(n)`, so small tables keep keys of 21 + 16 * that bytes);
 - the PRG is fixed-key AES-128 in Matyas-Meyer-Oseas form, G(s) = pi(s ^ c) ^ s ^ c with one public
   tweak c per output (left child, right child, and the W leaf values), so all nodes of a level, of
   all keys of a batch, go through ONE AES-ECB call on a preallocated buffer;
@@ -238,7 +238,7 @@ def _correct_level(out, inp, t, cw_seed, cw_bits, next_inp, next_t, tweaks):
 
 def _finish_leaves(out, inp, t, cw_out):
     """Leaf blocks: feed-forward of the value PRG, plus the output correction where t is set.
-    out and inp are (keys, leaves * words) and cw_out (keys, words), words = 2 * LEAF_BLOCKS:
+    out and inp are (keys, leaves * words) and cw_out (keys, words), words = 2 * leaf_blocks:
     flat rows, so each leaf's update is one run of contiguous words that LLVM vectorises."""
     keys, leaves = t.shape
     words = cw_out.shape[1]
