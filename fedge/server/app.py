@@ -46,8 +46,9 @@ CONFIG_KEY = "fedge-config"  # run_config key holding the path of the run's conf
 console = Console(highlight=False, soft_wrap=True)
 
 
-# (training reply, the instruction it answers) -> why it must not be aggregated, or None
-ReplyCheck = Callable[[Message, Message], tuple[str | None, float | None]]  # reason, drift
+# (training reply, the instruction it answers) -> (why it must not be aggregated, or None;
+# its drift ||w_k - w_t|| / ||w_t||, or None where the model could not be read)
+ReplyCheck = Callable[[Message, Message], tuple[str | None, float | None]]
 
 
 class RoundObserver(Grid):
