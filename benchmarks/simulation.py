@@ -53,7 +53,7 @@ def child(engine: str, nodes: int, sampled: int, rounds: int, floats: int) -> No
     logging.getLogger("flwr").setLevel(logging.WARNING)
     times: list[float] = []
     if engine == "fedge":
-        from fedge.server.ray_grid import RayGrid, init_ray
+        from fedge.simulation.ray_grid import RayGrid, init_ray
 
         init_ray()
         grid = RayGrid(nodes, app_spec="sim_apps:client_app", client_cpus=1)

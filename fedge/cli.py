@@ -99,7 +99,7 @@ def print_table(history: list[dict[str, Any]], metric: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fedge.server.app import simulate
+    from fedge.simulation import simulate
     from fedge.tasks import task_class
 
     cfg = config_from_args(args)

@@ -7,7 +7,6 @@ and what is allowed when a value is wrong, so a bad config fails before any work
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import tomllib
 from dataclasses import dataclass, field
@@ -104,8 +103,8 @@ class RunConfig:
 
     def validate(self) -> None:
         """Check ranges and cross-field rules; raise ConfigError naming the field."""
-        from fedge.client.faults import parse_faults
         from fedge.data.partition import parse_scheme
+        from fedge.faults import parse_faults
 
         _check(self.num_clients >= 1, "num_clients", "must be >= 1", self.num_clients)
         _check(
@@ -247,18 +246,3 @@ def parse_option(text: str) -> tuple[str, Any]:
         return key.replace("-", "_"), json.loads(raw)
     except json.JSONDecodeError:
         return key.replace("-", "_"), raw
-
-
-def load_object(spec: str) -> Any:
-    """Import `package.module:Name`; errors say what was wrong and how to write it."""
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ValueError(f"{spec!r} is not of the form 'package.module:ClassName'")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ValueError(f"cannot import module {module_name!r} for {spec!r}: {exc}") from exc
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.tasks.asr.energy import (
     EnergyCosts,
     power_ranking,

@@ -135,7 +135,7 @@ def centralized(task: HRViTTask, args: argparse.Namespace) -> list[dict]:
 def federated(args: argparse.Namespace) -> dict[str, list[dict]]:
     """FedAvg on the tiny HRViT under each partition scheme; history per scheme."""
     from fedge.config import RunConfig
-    from fedge.server.app import simulate
+    from fedge.simulation import simulate
 
     histories = {}
     for scheme in args.partitions:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.tasks.mobilellm.layerskip import self_speculative_generate
 from fedge.tasks.mobilellm.model import generate, num_parameters
 from fedge.tasks.mobilellm.task import MobileLLMTask

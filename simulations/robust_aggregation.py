@@ -11,7 +11,7 @@ import argparse
 import time
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 STRATEGY_OPTIONS = {
     "fedavg": {},

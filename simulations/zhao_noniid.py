@@ -31,7 +31,7 @@ from scipy.stats import spearmanr
 
 from fedge.config import RunConfig
 from fedge.data.shared import client_split
-from fedge.server.app import server_federation, shadow_sgd, simulate, warm_up
+from fedge.server.app import server_federation, shadow_sgd, warm_up
 from fedge.server.divergence import (
     fedavg_steps,
     mean_state,
@@ -40,6 +40,7 @@ from fedge.server.divergence import (
     sgd_replicas,
     weight_divergence,
 )
+from fedge.simulation import simulate
 from fedge.tasks import build_task
 
 # What the paper reports (Zhao et al. 2018, abstract and Sec. 3-4): the largest accuracy

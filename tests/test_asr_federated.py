@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.tasks.registry import build_task
 
 

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
 from fedge.server.divergence import (
     fedavg_steps,
     layer_of,
@@ -14,6 +13,7 @@ from fedge.server.divergence import (
     sgd_replicas,
     weight_divergence,
 )
+from fedge.simulation import simulate
 from fedge.tasks import TrainConfig, build_task
 
 

@@ -5,7 +5,7 @@ import math
 import torch
 from runkit import small_run
 
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.strategies.dp import clip_update
 from fedge.tasks import build_task
 

@@ -9,8 +9,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, run_server, simulate
-from fedge.server.local_grid import NODE_ID_BASE, LocalGrid
+from fedge.server.app import client_config, run_server
+from fedge.simulation import simulate
+from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import STRATEGIES, build_strategy
 from fedge.tasks import build_task
 
@@ -132,7 +133,7 @@ def test_client_started_for_another_task_is_refused():
 
 
 def test_flower_compat_layer_self_test():
-    from fedge.server.compat import self_test
+    from fedge.compat import self_test
 
     self_test()
 

@@ -3,7 +3,7 @@
 from test_hrvit_task import one_thread  # noqa: F401  (autouse: one torch thread on 2 shared cores)
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.tasks.registry import build_task
 
 OPTIONS = dict(image_size=32, num_images=64, num_test_images=32, num_styles=4)

@@ -3,7 +3,7 @@
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 from fedge.tasks.registry import build_task
 
 

@@ -15,9 +15,9 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.config import RunConfig
 from fedge.processes import free_port, stop, wait_for_port
-from fedge.server.app import simulate
-from fedge.server.local_grid import NODE_ID_BASE
-from fedge.server.ray_grid import NodeStateStore, RayGrid, init_ray
+from fedge.simulation import simulate
+from fedge.simulation.local_grid import NODE_ID_BASE
+from fedge.simulation.ray_grid import NodeStateStore, RayGrid, init_ray
 
 FEDGE = [sys.executable, "-m", "fedge.cli"]
 

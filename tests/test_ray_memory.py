@@ -9,8 +9,8 @@ import ray
 from flwr.app import ArrayRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedge.server.local_grid import NODE_ID_BASE
-from fedge.server.ray_grid import RayGrid, init_ray
+from fedge.simulation.local_grid import NODE_ID_BASE
+from fedge.simulation.ray_grid import RayGrid, init_ray
 
 MODEL_FLOATS = 1 << 20  # a 4 MB model
 echo_app = ClientApp()

@@ -6,7 +6,7 @@ import types
 from pathlib import Path
 
 from fedge.config import RunConfig
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -7,8 +7,9 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, sampling, simulate
-from fedge.server.local_grid import NODE_ID_BASE, LocalGrid
+from fedge.server.app import client_config, sampling
+from fedge.simulation import simulate
+from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import build_strategy
 from fedge.strategies.fednova import NORM, local_norm
 from fedge.strategies.scaffold import CLIENT_CONTROL, CONTROL, DELTA

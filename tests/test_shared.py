@@ -64,7 +64,7 @@ def test_bad_fractions_are_explained():
 
 def test_end_to_end_run_with_shared_data_and_warm_up(run_dir):
     from fedge.config import RunConfig
-    from fedge.server.app import simulate
+    from fedge.simulation import simulate
     from fedge.tasks import build_task
 
     cfg = RunConfig.from_mapping(

@@ -23,9 +23,10 @@ from flwr.clientapp import ClientApp
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedge.client.faults import Fault, fault_for, faulty_arrays, parse_fault
+from fedge.client.faults import faulty_arrays
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
+from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import DP_WEIGHT, KEY_CLIPPING_NORM, clip_update
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task

@@ -10,7 +10,6 @@ and on fedge's in-process grid (`simulate`).
 from __future__ import annotations
 
 import json
-import logging
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -24,6 +23,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
+from fedge.compat import error_reply
 from fedge.config import RunConfig
 from fedge.data.shared import Federation, client_split, federation
 from fedge.server.checkpoint import resume_point, save_round
@@ -35,7 +35,6 @@ from fedge.server.divergence import (
     weight_divergence,
 )
 from fedge.server.history import History, load_history, summarize_evaluate, summarize_train
-from fedge.server.local_grid import error_reply
 from fedge.server.validation import check_update
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import DP_WEIGHT, privacy_spent, with_dp
@@ -397,45 +396,3 @@ def build_server_app(cfg: RunConfig | None = None) -> ServerApp:
 
 # The entry point a SuperLink loads (see `fedge server`).
 app = build_server_app()
-
-
-def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Run a whole federated simulation in this process tree and return its history."""
-    from fedge.client.app import app as client_app
-
-    _quiet_flower()
-    if cfg.backend == "ray":
-        from fedge.server.ray_grid import RayGrid, init_ray
-
-        init_ray(cfg.ray_address)
-        grid = RayGrid(
-            cfg.num_clients,
-            client_cpus=cfg.client_cpus,
-            client_gpus=cfg.client_gpus,
-            dropout_rate=cfg.dropout_rate,
-            seed=cfg.seed,
-        )
-        try:
-            return run_server(grid, cfg)
-        finally:
-            grid.shutdown()
-    if cfg.backend == "local":
-        from fedge.server.local_grid import LocalGrid
-
-        return run_server(LocalGrid(client_app, cfg.num_clients), cfg)
-    if cfg.backend == "flower":
-        from flwr.simulation import run_simulation
-
-        run_simulation(
-            server_app=build_server_app(cfg),
-            client_app=client_app,
-            num_supernodes=cfg.num_clients,
-            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
-        )
-        return load_history(cfg.out)
-    raise ValueError(f"backend {cfg.backend!r} is not known")
-
-
-def _quiet_flower() -> None:
-    """Flower logs every sampling step at INFO; fedge prints its own progress."""
-    logging.getLogger("flwr").setLevel(logging.WARNING)

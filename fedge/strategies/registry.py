@@ -13,7 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from fedge.config import load_object
+from fedge.plugins import load_object
 from fedge.tasks import TrainConfig, TrainReport
 
 # name -> (class or "module:Class", default options)

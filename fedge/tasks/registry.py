@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedge.config import load_object
+from fedge.plugins import load_object
 from fedge.tasks.base import Task
 
 # Imported lazily so that `fedge --help` does not pay for every model's imports.

@@ -7,7 +7,7 @@ import pytest
 import torch
 from runkit import small_run
 
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 
 @pytest.mark.parametrize(

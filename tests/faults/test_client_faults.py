@@ -4,12 +4,12 @@ mid-round, a client slower than the round timeout, a client that raises."""
 import pytest
 from runkit import small_run
 
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_session():
-    from fedge.server.ray_grid import init_ray, ray
+    from fedge.simulation.ray_grid import init_ray, ray
 
     init_ray(None)
     yield

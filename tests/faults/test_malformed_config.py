@@ -7,7 +7,7 @@ from faultkit import fedge_command
 from runkit import small_run
 
 from fedge.cli import main
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 
 def test_bad_toml_and_bad_values_exit_2_with_one_line(tmp_path, capsys):

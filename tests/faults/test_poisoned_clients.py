@@ -4,7 +4,7 @@ FedAvg is dragged to a standstill; robust aggregation still learns."""
 import pytest
 from runkit import small_run
 
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 POISON = dict(num_clients=10, rounds=2, faults="signflip:0.2")
 

@@ -10,7 +10,7 @@ from faultkit import fedge_command, rounds_of
 from runkit import small_run
 
 from fedge.cli import main
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 ARGS = dict(num_clients=3, rounds=4, strategy="fedadam")
 

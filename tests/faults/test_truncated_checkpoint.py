@@ -5,7 +5,7 @@ from faultkit import rounds_of
 from runkit import small_run
 
 from fedge.cli import main
-from fedge.server.app import simulate
+from fedge.simulation import simulate
 
 
 def test_resume_skips_a_truncated_checkpoint(tmp_path, capsys):

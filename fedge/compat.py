@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import uuid
 
-from flwr.app import Message
+from flwr.app import Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -20,6 +20,7 @@ __all__ = [
     "ErrorCode",
     "assign_message_id",
     "claim_server_identity",
+    "error_reply",
     "self_test",
 ]
 
@@ -36,6 +37,13 @@ def assign_message_id(message: Message) -> str:
     message_id = uuid.uuid4().hex
     message.metadata.__dict__["_message_id"] = message_id
     return message_id
+
+
+def error_reply(
+    message: Message, reason: str, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+) -> Message:
+    """A reply carrying an error instead of content, as Flower's SuperNode sends."""
+    return Message(Error(code=code, reason=reason), reply_to=message)
 
 
 def self_test() -> None:

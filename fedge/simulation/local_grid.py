@@ -1,7 +1,7 @@
 """An in-process Grid: the same ClientApp, called directly, one message after another.
 
 It is the smallest faithful engine: no SuperLink, no Ray, no polling. Tests, debugging
-and small runs use it; `fedge.server.ray_grid` scales the same contract out.
+and small runs use it; `fedge.simulation.ray_grid` scales the same contract out.
 """
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import time
 import traceback
 from collections.abc import Iterable
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedge.server.compat import ErrorCode, assign_message_id, claim_server_identity
+from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
 
 NODE_ID_BASE = 100  # node ids 0 and 1 are reserved by Flower; partition i is node 100 + i
 log = logging.getLogger("fedge")
@@ -24,13 +24,6 @@ log = logging.getLogger("fedge")
 def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
     """What a SuperNode started with `--node-config` would carry."""
     return {"partition-id": partition_id, "num-partitions": num_partitions}
-
-
-def error_reply(
-    message: Message, reason: str, code: int = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-) -> Message:
-    """A reply carrying an error instead of content, as Flower's SuperNode sends."""
-    return Message(Error(code=code, reason=reason), reply_to=message)
 
 
 def call_client_app(app: ClientApp, message: Message, context: Context) -> Message:

@@ -31,13 +31,12 @@ import numpy as np
 import ray
 from flwr.app import Context, Message, RecordDict
 
-from fedge.config import load_object
-from fedge.server.compat import ErrorCode, assign_message_id, claim_server_identity
-from fedge.server.local_grid import (
+from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
+from fedge.plugins import load_object
+from fedge.simulation.local_grid import (
     NODE_ID_BASE,
     VirtualGrid,
     call_client_app,
-    error_reply,
     node_config,
 )
 
@@ -179,7 +178,9 @@ class RayGrid(VirtualGrid):
         run_id: int = 1,
     ) -> None:
         if not ray.is_initialized():
-            raise RuntimeError("call fedge.server.ray_grid.init_ray() before building a RayGrid")
+            raise RuntimeError(
+                "call fedge.simulation.ray_grid.init_ray() before building a RayGrid"
+            )
         super().__init__(num_nodes, run_id)
         self.app_spec = app_spec
         self.client_cpus = client_cpus

@@ -1,0 +1,60 @@
+"""The simulation engines: `simulate(cfg)` runs a whole federation in this process tree.
+
+`LocalGrid` (fedge.simulation.local_grid) calls the ClientApp in-process; `RayGrid`
+(fedge.simulation.ray_grid) serves it from a pool of Ray actors; `backend = "flower"` uses
+Flower's own `run_simulation`. All run the same ServerApp (`fedge.server.app.run_server`)
+and ClientApp (`fedge.client.app.app`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fedge.config import RunConfig
+from fedge.server.app import build_server_app, run_server
+from fedge.server.history import load_history
+
+__all__ = ["simulate"]
+
+
+def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
+    """Run a whole federated simulation in this process tree and return its history."""
+    from fedge.client.app import app as client_app
+
+    _quiet_flower()
+    if cfg.backend == "ray":
+        from fedge.simulation.ray_grid import RayGrid, init_ray
+
+        init_ray(cfg.ray_address)
+        grid = RayGrid(
+            cfg.num_clients,
+            client_cpus=cfg.client_cpus,
+            client_gpus=cfg.client_gpus,
+            dropout_rate=cfg.dropout_rate,
+            seed=cfg.seed,
+        )
+        try:
+            return run_server(grid, cfg)
+        finally:
+            grid.shutdown()
+    if cfg.backend == "local":
+        from fedge.simulation.local_grid import LocalGrid
+
+        return run_server(LocalGrid(client_app, cfg.num_clients), cfg)
+    if cfg.backend == "flower":
+        from flwr.simulation import run_simulation
+
+        run_simulation(
+            server_app=build_server_app(cfg),
+            client_app=client_app,
+            num_supernodes=cfg.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+        )
+        return load_history(cfg.out)
+    raise ValueError(f"backend {cfg.backend!r} is not known")
+
+
+def _quiet_flower() -> None:
+    """Flower logs every sampling step at INFO; fedge prints its own progress."""
+    logging.getLogger("flwr").setLevel(logging.WARNING)
