@@ -31,7 +31,7 @@ def feats(b: int, t: int, seed: int = 0) -> torch.Tensor:
 @pytest.mark.parametrize("left_chunks", [0, 2])
 def test_streaming_emits_exactly_what_the_full_pass_emits(fold, left_chunks):
     m = model(fold=fold, left_chunks=left_chunks, chunk=3)
-    x = feats(2, 101)  # not a whole number of chunks: the last chunk is short
+    x = feats(2, 101)  # not a whole number of chunks: the last one is padded and masked
     with torch.no_grad():
         full = m(x)
     streamed = m.stream(x)
@@ -52,6 +52,44 @@ def test_padded_batch_matches_each_utterance_streamed_alone():
     for i, n in enumerate(lengths.tolist()):
         alone = m.stream(x[i : i + 1, :n])
         torch.testing.assert_close(alone[0], full[i, : enc[i]], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fold", [1, 2])
+@pytest.mark.parametrize("left_chunks", [0, 2])
+def test_uneven_batch_streamed_with_padded_masked_last_chunks_equals_the_full_pass(
+    fold, left_chunks
+):
+    m = model(fold=fold, left_chunks=left_chunks, chunk=3)
+    lengths = torch.tensor([101, 58, 7, 36])  # none but the 36 a whole number of 12-frame chunks
+    x = feats(4, 101)
+    x[torch.arange(101)[None] >= lengths[:, None]] = 1e3  # loud padding: it must not leak in
+    with torch.no_grad():
+        full = m(x, lengths)
+    streamed = m.stream(x, lengths)
+    assert streamed.shape == full.shape == (4, 26, 29)
+    enc = subsampled_length(lengths)
+    for i in range(4):
+        assert torch.isfinite(streamed[i]).all()
+        torch.testing.assert_close(streamed[i, : enc[i]], full[i, : enc[i]], atol=1e-5, rtol=1e-5)
+
+
+def test_stream_step_refuses_a_step_that_is_not_whole_chunks():
+    m = model(chunk=3)
+    with pytest.raises(ValueError, match="whole chunks of 12 feature frames .chunk=3"):
+        m.stream_step(feats(1, 10))
+    _, state = m.stream_step(feats(1, 24))  # two whole chunks are one step
+    with pytest.raises(ValueError, match="got 13"):
+        m.stream_step(feats(1, 13), state)
+
+
+def test_stream_step_refuses_frames_after_a_row_ended():
+    m = model(chunk=2)
+    _, state = m.stream_step(feats(2, 8), lengths=torch.tensor([8, 5]))
+    m.stream_step(feats(2, 8), state, torch.tensor([8, 0]))
+    with pytest.raises(ValueError, match="stream has ended"):
+        m.stream_step(feats(2, 8), state, torch.tensor([8, 1]))
+    with pytest.raises(ValueError, match="valid frames per row in 0..8"):
+        m.stream_step(feats(2, 8), state, torch.tensor([9, 0]))
 
 
 def test_no_frame_sees_a_later_chunk_and_left_context_is_bounded():
