@@ -9,11 +9,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, run_server
+from fedge.server.app import run_server
 from fedge.simulation import simulate
 from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import STRATEGIES, build_strategy
 from fedge.tasks import build_task
+from fedge.wire import ClientSpec
 
 
 def small_run(out, **kw):
@@ -95,7 +96,7 @@ def test_fedprox_strategy_sends_mu_and_client_adds_the_proximal_term():
     strategy = build_strategy(cfg.strategy, cfg.strategy_options, {"min_available_nodes": 4})
     grid = LocalGrid(client_app, num_nodes=4)
     weights = ArrayRecord(build_task("digits").build_model().state_dict())
-    (msg, *_) = strategy.configure_train(1, weights, client_config(cfg), grid)
+    (msg, *_) = strategy.configure_train(1, weights, ClientSpec.from_run(cfg).to_record(), grid)
     sent = msg.content["config"]
     assert sent["proximal-mu"] == 5.0
     g0, free = train_once(ConfigRecord({**dict(sent), "proximal-mu": 0.0}))
@@ -108,7 +109,10 @@ def test_client_budget_and_device_metrics():
     task = build_task("digits")
     grid = LocalGrid(client_app, num_nodes=4)
     content = RecordDict(
-        {"arrays": ArrayRecord(task.build_model().state_dict()), "config": client_config(cfg)}
+        {
+            "arrays": ArrayRecord(task.build_model().state_dict()),
+            "config": ClientSpec.from_run(cfg).to_record(),
+        }
     )
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE + 1, MessageType.TRAIN)])
     m = reply.content["metrics"]
@@ -118,7 +122,9 @@ def test_client_budget_and_device_metrics():
 
 def test_a_raising_client_becomes_a_failure_not_a_crash():
     grid = LocalGrid(client_app, num_nodes=2)
-    bad = ConfigRecord({**dict(client_config(RunConfig())), "task": "no-such-task"})
+    bad = ConfigRecord(
+        {**dict(ClientSpec.from_run(RunConfig()).to_record()), "task": "no-such-task"}
+    )
     content = RecordDict({"arrays": ArrayRecord(), "config": bad})
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.TRAIN)])
     assert reply.has_error() and "unknown task" in reply.error.reason
@@ -127,7 +133,9 @@ def test_a_raising_client_becomes_a_failure_not_a_crash():
 def test_client_started_for_another_task_is_refused():
     grid = LocalGrid(client_app, num_nodes=2)
     grid.context(NODE_ID_BASE).node_config["task"] = "kws"
-    content = RecordDict({"arrays": ArrayRecord(), "config": client_config(RunConfig())})
+    content = RecordDict(
+        {"arrays": ArrayRecord(), "config": ClientSpec.from_run(RunConfig()).to_record()}
+    )
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.TRAIN)])
     assert reply.has_error() and "start the client with the server's --task" in reply.error.reason
 
