@@ -16,14 +16,12 @@ from fedge.strategies import STRATEGIES, build_strategy
 from fedge.tasks import build_task
 from fedge.wire import ClientSpec
 
-
-def small_run(out, **kw):
-    base = dict(backend="local", num_clients=4, rounds=2, eval_fraction=0.5, out=str(out))
-    return RunConfig.from_mapping({**base, **kw})
+# the digits CNN with two local epochs and federated evaluation, unlike the fixture's defaults
+FULL = dict(task_options={}, local_epochs=2, eval_fraction=0.5)
 
 
-def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir):
-    history = simulate(small_run(run_dir, rounds=3))
+def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir, small_run):
+    history = simulate(small_run(run_dir, **FULL, rounds=3))
     assert [r["round"] for r in history] == [1, 2, 3]
     assert history[-1]["accuracy"] > 0.8 > 0.1  # chance is 0.1
     for r in history:
@@ -49,17 +47,20 @@ def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir):
     assert all(torch.equal(final[k], last[k]) for k in final)
 
 
-def test_clients_per_round_samples_that_many(run_dir):
+def test_clients_per_round_samples_that_many(run_dir, small_run):
     history = simulate(small_run(run_dir, num_clients=6, clients_per_round=2, eval_fraction=0))
     assert [r["num_clients"] for r in history] == [2, 2]
     assert all("fed_loss" not in r for r in history)
 
 
-def test_custom_strategy_module_class_is_the_one_used(run_dir):
+def test_custom_strategy_module_class_is_the_one_used(run_dir, small_run):
     plugin_strategies.CALLS.clear()
     simulate(
         small_run(
-            run_dir, strategy="plugin_strategies:CountingFedAvg", strategy_options={"tag": "x"}
+            run_dir,
+            **FULL,
+            strategy="plugin_strategies:CountingFedAvg",
+            strategy_options={"tag": "x"},
         )
     )
     assert plugin_strategies.CALLS == [1, 2]
@@ -146,7 +147,7 @@ def test_flower_compat_layer_self_test():
     self_test()
 
 
-def test_lora_clients_ship_only_their_adapters(run_dir):
+def test_lora_clients_ship_only_their_adapters(run_dir, small_run):
     options = {"trainable": "lora", "seq_len": 32}
     cfg = small_run(
         run_dir,
@@ -168,7 +169,7 @@ def test_lora_clients_ship_only_their_adapters(run_dir):
     assert set(final) == set(full)  # the server keeps the whole model, frozen base included
 
 
-def test_nodes_that_never_answer_count_as_failures(run_dir):
+def test_nodes_that_never_answer_count_as_failures(run_dir, small_run):
     class LosingGrid(LocalGrid):
         """Drops the reply of the first node, as a real grid does past its timeout."""
 
