@@ -17,12 +17,14 @@ from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
 
-# RunConfig fields that make no sense for `fedge server` (they configure simulation)
-SERVER_ONLY = {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
+# RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
+SIMULATION_ONLY = frozenset(
+    {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
+)
 NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
-def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+def add_run_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
     """One flag per RunConfig field (dict fields take repeatable key=value options)."""
     parser.add_argument("--config", help="TOML file with any of the fields below; flags win")
     parser.add_argument(
@@ -49,7 +51,7 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset())
             )
 
 
-def config_from_args(args: argparse.Namespace, skip: set[str] = frozenset()) -> RunConfig:
+def config_from_args(args: argparse.Namespace, skip: frozenset[str] = frozenset()) -> RunConfig:
     """Merge TOML and flags into one checked RunConfig."""
     flags: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
@@ -115,7 +117,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     if args.min_clients is not None:
         args.num_clients = args.min_clients
-    cfg = config_from_args(args, skip=SERVER_ONLY)
+    cfg = config_from_args(args, skip=SIMULATION_ONLY)
     history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
@@ -165,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     server = sub.add_parser("server", help="start a Flower SuperLink and run the federation")
-    add_run_flags(server, skip=SERVER_ONLY)
+    add_run_flags(server, skip=SIMULATION_ONLY)
     server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
     server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")

@@ -37,7 +37,7 @@ from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
 from fedge.tasks import Task, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
-from fedge.wire import DP_WEIGHT, ClientSpec
+from fedge.wire import DP_WEIGHT, ClientSpec, MetricValues
 
 CONFIG_KEY = "fedge-config"  # run_config key holding the path of the run's config JSON
 console = Console(highlight=False, soft_wrap=True)
@@ -172,7 +172,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
         server_round += done
         load_exchanged(model, arrays.to_torch_state_dict())
-        metrics = task.evaluate(model, test_data)
+        metrics: MetricValues = {**task.evaluate(model, test_data)}
         metrics.pop("num_examples", None)
         if server_round == done:
             start = f"round {done} model" if done else "initial model"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from fedge.wire import (
 )
 
 
-def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, float]], int]:
+def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, Any]], int]:
     """Metric dicts of the successful replies, and the number of failed ones."""
     ok, failed = [], 0
     for msg in replies:
@@ -41,7 +41,7 @@ def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, float]], int]:
     return ok, failed
 
 
-def _weighted(rows: list[dict[str, float]], key: str) -> float:
+def _weighted(rows: list[dict[str, Any]], key: str) -> float:
     total = sum(r.get(NUM_EXAMPLES, 0) for r in rows if key in r)
     if total <= 0:
         return math.nan
@@ -105,7 +105,7 @@ class History:
     def round_record(
         self,
         server_round: int,
-        central: dict[str, float],
+        central: Mapping[str, Any],
         replies: RoundReplies,
         extra: dict[str, Any],
         seconds: float,

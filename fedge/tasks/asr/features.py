@@ -64,6 +64,9 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
 class LogMel(nn.Module):
     """Waveform (..., samples) in [-1, 1] -> log-mel features (..., frames, n_mels)."""
 
+    window: torch.Tensor  # buffers, registered in __init__
+    fb: torch.Tensor
+
     def __init__(self, cfg: FeatureConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or FeatureConfig()

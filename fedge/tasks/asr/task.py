@@ -48,7 +48,7 @@ def features_of(waves: list[np.ndarray], batch: int = 128) -> list[torch.Tensor]
     """Log-mel features of each waveform, computed in zero-padded batches of similar length
     (many tiny STFT calls are far slower than a few big ones) and cut back to each length."""
     logmel = LogMel()
-    out: list[torch.Tensor | None] = [None] * len(waves)
+    out = [torch.empty(0)] * len(waves)  # every entry is replaced below
     order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     with torch.no_grad():
         for start in range(0, len(order), batch):
