@@ -1,7 +1,9 @@
 """The `fedge` command: run (simulation), server, client, certs, pir-server.
 
 Every RunConfig field is a flag (`--num-clients`, `--lr`, ...); `--config FILE.toml` sets
-any of them and flags win. A bad value exits with status 2 and one line naming the field.
+any of them and flags win. Bad input (`ConfigError`, a missing file, a timeout) exits with
+status 2 and one line naming what was wrong; anything else is a bug and keeps its traceback.
+`fedge --debug ...` shows the traceback of bad input too.
 """
 
 from __future__ import annotations
@@ -152,7 +154,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_pir_server(args: argparse.Namespace) -> int:
     from fedge.privacy.service import serve
 
-    serve(args.table, party=args.party, host=args.host, port=args.port)
+    try:  # fedge.privacy stands alone: its bad-input errors are plain ValueErrors
+        serve(args.table, party=args.party, host=args.host, port=args.port)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return 0
 
 
@@ -160,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge", description="Federated learning for edge devices, built on Flower."
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="simulate a federated run in one process tree")
@@ -213,7 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError, TimeoutError) as exc:
+    except (ConfigError, OSError, TimeoutError) as exc:
+        if args.debug:
+            raise
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -13,16 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.errors import ConfigError
 from fedge.wire import CLIENT_DEFAULTS
+
+__all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
 
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its default and the help text `fedge --help` shows."""
     return field(default=default, metadata={"help": help})
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what is allowed."""
 
 
 @dataclass

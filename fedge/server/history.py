@@ -16,6 +16,7 @@ from typing import Any
 from flwr.app import Message
 
 from fedge.data.divergence import label_skew
+from fedge.errors import ConfigError
 from fedge.files import atomic_write_bytes
 from fedge.server.observer import RoundReplies
 from fedge.wire import (
@@ -171,4 +172,4 @@ def load_history(out: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: did the run finish a round?") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is damaged ({exc}); rerun or restore it") from None
+        raise ConfigError(f"{path} is damaged ({exc}); rerun or restore it") from None

@@ -79,7 +79,7 @@ class Task(ABC):
         if options:
             raise ValueError(
                 f"task {self.name!r} got unknown options {sorted(options)}; "
-                "remove them from [task.options]"
+                "remove them from [task_options]"
             )
 
     # --- model and data -------------------------------------------------------------

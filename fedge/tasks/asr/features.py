@@ -95,8 +95,3 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return torch.log(self.power_mel(wave) + self.cfg.log_floor)
-
-
-def log_mel(wave: torch.Tensor, cfg: FeatureConfig | None = None) -> torch.Tensor:
-    """Functional form of `LogMel`."""
-    return LogMel(cfg)(wave)

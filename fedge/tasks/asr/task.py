@@ -3,7 +3,7 @@ spotting (`kws`). Both train the streaming transformer of `model.py` on log-mel 
 synthetic espeak-ng speakers (or real folders from `data_dir`); the speaker of each sample is
 its natural group, so one speaker per client is natural non-IID data.
 
-Options (from `[task.options]` or `--task-option`): speakers (training speakers),
+Options (from `[task_options]` or `--task-option`): speakers (training speakers),
 test_speakers (held-out speakers), copies (augmented samples per speaker and text),
 d_model, n_layer, n_head, fold (folding attention), chunk, left_chunks, energy_reports
 (add the energy model's estimate to evaluation metrics).
