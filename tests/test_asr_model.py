@@ -27,10 +27,10 @@ def feats(b: int, t: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, t, 40, generator=g) * 3 - 8
 
 
-@pytest.mark.parametrize("fold", [1, 2, 4])
+@pytest.mark.parametrize("fold,fold_ffn", [(1, False), (2, False), (4, False), (2, True)])
 @pytest.mark.parametrize("left_chunks", [0, 2])
-def test_streaming_emits_exactly_what_the_full_pass_emits(fold, left_chunks):
-    m = model(fold=fold, left_chunks=left_chunks, chunk=3)
+def test_streaming_emits_exactly_what_the_full_pass_emits(fold, fold_ffn, left_chunks):
+    m = model(fold=fold, fold_ffn=fold_ffn, left_chunks=left_chunks, chunk=3)
     x = feats(2, 101)  # not a whole number of chunks: the last one is padded and masked
     with torch.no_grad():
         full = m(x)
@@ -125,28 +125,32 @@ def test_fold_tokens_round_trip_and_order():
     assert torch.equal(unfold_tokens(f, 4), x)
 
 
-def encoder_layer_params(d: int, fold: int, mult: int = 4) -> int:
+def encoder_layer_params(d: int, fold: int, fold_ffn: bool, mult: int = 4) -> int:
     w = d // fold
     attn = w * 3 * w + 3 * w + w * w + w
-    ffn = w * mult * w + mult * w + mult * w * w + w
+    f = w if fold_ffn else d
+    ffn = f * mult * f + mult * f + mult * f * f + f
     return attn + ffn + 4 * d  # two LayerNorms
 
 
+@pytest.mark.parametrize("fold_ffn", [False, True])
 @pytest.mark.parametrize("fold", [1, 2, 4])
-def test_fold_shrinks_projections_by_fold_squared(fold):
-    cfg = ASRConfig(fold=fold, d_model=96, n_head=4, n_layer=3)
+def test_fold_shrinks_the_attention_projections_by_fold_squared(fold, fold_ffn):
+    cfg = ASRConfig(fold=fold, fold_ffn=fold_ffn, d_model=96, n_head=4, n_layer=3)
     m = StreamingASR(cfg)
     block = m.blocks[0]
     w = 96 // fold
     assert block.attn.qkv.weight.shape == (3 * w, w)
     assert block.attn.proj.weight.shape == (w, w)
-    assert block.ffn.up.weight.shape == (4 * w, w)
+    # The paper folds the attention; the FFN is folded only when asked.
+    f = w if fold_ffn else 96
+    assert block.ffn.up.weight.shape == (4 * f, f)
     assert block.attn.n_head == 4 // fold
-    assert sum(p.numel() for p in block.parameters()) == encoder_layer_params(96, fold)
+    assert sum(p.numel() for p in block.parameters()) == encoder_layer_params(96, fold, fold_ffn)
     frontend = (40 * 96 * 3 + 96) + (96 * 96 * 3 + 96)
     head = 2 * 96 + 96 * 29 + 29
     total = sum(p.numel() for p in m.parameters())
-    assert total == frontend + 3 * encoder_layer_params(96, fold) + head
+    assert total == frontend + 3 * encoder_layer_params(96, fold, fold_ffn) + head
 
 
 def test_bad_fold_is_a_clear_error():

@@ -8,12 +8,13 @@ of features at a time with a bounded cache, emits exactly what `forward` compute
 utterance.
 
 Folding attention (Li et al., arXiv 2309.07988). In streaming ASR few tokens are processed per
-step, so the linear projections of attention and of the feed-forward network, not the
-attention scores, dominate size, memory traffic and power. Folding reshapes each D-wide token
-into `fold` sub-tokens of width D/fold; the Q/K/V/output and FFN projections act on sub-tokens
-(weights (D/N)^2 instead of D^2), attention runs over the N-times longer sub-token sequence, and
-the result is unfolded back to D-wide tokens. Heads keep their width: a folded layer has
-n_head/N heads per sub-token.
+step, so linear projections, not the attention scores, dominate size, memory traffic and
+power. Folding attention reshapes each D-wide token into `fold` sub-tokens of width D/fold
+before the attention's Q/K/V projections (weights (D/N)^2 instead of D^2), attends over the
+N-times longer sub-token sequence, projects the output per sub-token and unfolds back to
+D-wide tokens; the feed-forward network stays unfolded, as in the paper. Heads keep their
+width: a folded layer has n_head/N heads per sub-token. `fold_ffn=True` also folds the FFN
+(fedge's extension, not the paper's: weights shrink much further, at an accuracy cost).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class ASRConfig:
     n_layer: int = 3
     n_head: int = 4
     ffn_mult: int = 4
-    fold: int = 1
+    fold: int = 1  # folding attention: the attention's linear layers act on D/fold sub-tokens
+    fold_ffn: bool = False  # also fold the feed-forward network (not in the paper)
     chunk: int = 4
     left_chunks: int = 4
     head: str = "ctc"  # "ctc" (per-frame logits) or "pool" (one class per utterance)
@@ -133,12 +135,12 @@ class FoldingAttention(nn.Module):
 
 
 class FoldingFeedForward(nn.Module):
-    """Position-wise FFN on folded sub-tokens: weights shrink by fold^2."""
+    """Position-wise FFN; with `fold_ffn` on folded sub-tokens, its weights shrink by fold^2."""
 
     def __init__(self, cfg: ASRConfig) -> None:
         super().__init__()
-        self.fold = cfg.fold
-        width = cfg.d_model // cfg.fold
+        self.fold = cfg.fold if cfg.fold_ffn else 1
+        width = cfg.d_model // self.fold
         self.up = nn.Linear(width, cfg.ffn_mult * width)
         self.down = nn.Linear(cfg.ffn_mult * width, width)
 
