@@ -294,7 +294,7 @@ class Fusion(nn.Module):
             h, w = (xs[i] if i < len(xs) else xs[-1]).shape[-2:]
             if i == len(xs):
                 h, w = (h + 1) // 2, (w + 1) // 2
-            parts = [path(x)[..., :h, :w] for path, x in zip(row, xs, strict=True)]
+            parts = [path(x)[..., :h, :w] for path, x in zip(row.children(), xs, strict=True)]
             out.append(self.act(torch.stack(parts).sum(0)))
         return out
 

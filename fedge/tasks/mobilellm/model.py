@@ -144,7 +144,7 @@ class ModelConfig:
         if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1:
             raise ValueError("partial_rotary_factor != 1 is not supported")
         theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        rope_type = str(rope.get("rope_type", rope.get("type", "default")))
         scaling = None
         if rope_type != "default":
             if "factor" not in rope:
