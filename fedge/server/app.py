@@ -4,7 +4,9 @@
 rounds (Flower's own loop, untouched), evaluate the global model centrally after every
 round, and write `history.json`, a checkpoint per round and `history.png` into `cfg.out`.
 The same function runs under a real SuperLink (`fedge server`), under Flower's simulation
-and on fedge's in-process grid (`simulate`).
+and on fedge's own grids (`fedge.simulation`); this module imports no engine and no client.
+Replies pass through a `RoundObserver` (fedge.server.observer) that screens every update;
+`History` turns each round into one record.
 """
 
 from __future__ import annotations
