@@ -15,6 +15,13 @@ from typing import Any
 
 from fedge.processes import flower_tool, free_port, tool_env
 from fedge.tasks import Task, task_class
+from fedge.wire import (
+    NODE_DATA_DIR,
+    NODE_MAX_TRAIN_SECONDS,
+    NODE_TASK,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 
 __all__ = ["join", "supernode_command"]  # and PrivateEmbeddingClient, loaded lazily
 
@@ -62,14 +69,14 @@ def supernode_command(
     if max_train_seconds < 0:
         raise ValueError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
     node_config: dict[str, Any] = {
-        "partition-id": partition_id,
-        "num-partitions": num_partitions,
-        "task": task_spec(task),
+        PARTITION_ID: partition_id,
+        NUM_PARTITIONS: num_partitions,
+        NODE_TASK: task_spec(task),
     }
     if max_train_seconds:
-        node_config["max-train-seconds"] = float(max_train_seconds)
+        node_config[NODE_MAX_TRAIN_SECONDS] = float(max_train_seconds)
     if data_dir:
-        node_config["data-dir"] = os.path.abspath(data_dir)
+        node_config[NODE_DATA_DIR] = os.path.abspath(data_dir)
     if tls_dir:
         ca_cert = os.path.join(tls_dir, "ca.crt")
         if not os.path.exists(ca_cert):

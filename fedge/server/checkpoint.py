@@ -20,7 +20,7 @@ import torch
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fedge.server.history import atomic_write_bytes
+from fedge.files import atomic_write_bytes
 
 log = logging.getLogger("fedge")
 KEEP_STRATEGY_STATES = 2  # older strategy states are deleted; model checkpoints are all kept

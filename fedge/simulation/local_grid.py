@@ -16,14 +16,10 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
+from fedge.wire import node_config
 
 NODE_ID_BASE = 100  # node ids 0 and 1 are reserved by Flower; partition i is node 100 + i
 log = logging.getLogger("fedge")
-
-
-def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
-    """What a SuperNode started with `--node-config` would carry."""
-    return {"partition-id": partition_id, "num-partitions": num_partitions}
 
 
 def call_client_app(app: ClientApp, message: Message, context: Context) -> Message:

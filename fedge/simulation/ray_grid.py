@@ -31,7 +31,13 @@ import numpy as np
 import ray
 from flwr.app import Context, Message, RecordDict
 
-from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
+from fedge.compat import (
+    ErrorCode,
+    assign_message_id,
+    claim_server_identity,
+    error_reply,
+    set_message_id,
+)
 from fedge.plugins import load_object
 from fedge.simulation.local_grid import (
     NODE_ID_BASE,
@@ -143,7 +149,7 @@ class ClientWorker:
             msg = Message(
                 content, item.dst_node_id, item.message_type, ttl=item.ttl, group_id=item.group_id
             )
-            msg.metadata.__dict__["_message_id"] = item.message_id
+            set_message_id(msg, item.message_id)
             state = pickle.loads(item.state) if item.state else RecordDict()
             pid = item.dst_node_id - NODE_ID_BASE
             ctx = Context(

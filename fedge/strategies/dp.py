@@ -13,13 +13,10 @@ import math
 
 import torch
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-DP_WEIGHT = "dp-weight"  # the metric every DP client reports as 1: equal FedAvg weights
+from fedge.compat import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
-__all__ = ["DP_WEIGHT", "KEY_CLIPPING_NORM", "clip_update", "privacy_spent", "with_dp"]
+__all__ = ["clip_update", "privacy_spent", "with_dp"]
 
 
 def with_dp(

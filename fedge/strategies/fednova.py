@@ -19,6 +19,7 @@ from torch import nn
 
 from fedge.strategies.registry import ClientAlgorithm
 from fedge.tasks import TrainConfig, TrainReport
+from fedge.wire import ALGORITHM, METRICS
 
 NORM = "fednova-a"  # the client's a_k, a metric of its reply
 
@@ -37,7 +38,7 @@ class FedNova(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["algorithm"] = "fednova"
+        config[ALGORITHM] = "fednova"
         self.current = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -46,7 +47,7 @@ class FedNova(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         contents: list[RecordDict] = [m.content for m in valid]
-        rows = [m.content["metrics"] for m in valid]
+        rows = [m.content[METRICS] for m in valid]
         norms = [float(r[NORM]) for r in rows if float(r[NORM]) > 0]
         if not valid or len(norms) < len(rows):
             return super().aggregate_train(server_round, valid)  # nobody stepped: plain mean

@@ -18,11 +18,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
+from fedge.compat import aggregate_arrayrecords
 from fedge.strategies.registry import ClientAlgorithm
 from fedge.tasks import TrainConfig, TrainReport
+from fedge.wire import ALGORITHM, METRICS
 
 CONTROL = "scaffold-c"  # the server's control variate, sent with each instruction
 CLIENT_CONTROL = "scaffold-ck"  # the client's control variate, kept in its node state
@@ -40,7 +41,7 @@ class Scaffold(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["algorithm"] = "scaffold"
+        config[ALGORITHM] = "scaffold"
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.num_nodes = len(list(grid.get_node_ids()))
         if self.control is None:
@@ -60,7 +61,7 @@ class Scaffold(FedAvg):
             RecordDict(
                 {
                     self.arrayrecord_key: m.content[self.arrayrecord_key],
-                    "metrics": m.content["metrics"],
+                    "metrics": m.content[METRICS],
                 }
             )
             for m in valid
