@@ -45,7 +45,7 @@ _OPTIONS = [
 def table_digest(table: np.ndarray) -> str:
     """SHA-256 over dtype, shape and bytes: equal digests mean the same table."""
     h = hashlib.sha256(f"{table.dtype.str}{table.shape}".encode())
-    h.update(memoryview(np.ascontiguousarray(table)).cast("B"))
+    h.update(np.ascontiguousarray(table).data.cast("B"))
     return h.hexdigest()
 
 
@@ -99,7 +99,8 @@ class _Batcher:
         while True:
             with self.ready:
                 self.ready.wait_for(lambda: self.queue)
-                take, count = [], 0
+                take: list[tuple[KeyBatch, dict]] = []
+                count = 0
                 while self.queue and (not take or count + len(self.queue[0][0]) <= self.max_keys):
                     take.append(self.queue.pop(0))
                     count += len(take[-1][0])
@@ -310,7 +311,8 @@ class PrivateEmbeddingClient:
         for lo in range(0, idx.size, self.max_batch):
             keys_a, keys_b = query(idx[lo : lo + self.max_batch], self.spec.num_rows)
             self.queries += len(keys_a)
-            parts.append(reconstruct(*self._answers(keys_a, keys_b), self.spec))
+            answers_a, answers_b = self._answers(keys_a, keys_b)
+            parts.append(reconstruct(answers_a, answers_b, self.spec))
         return np.concatenate(parts)
 
     def close(self) -> None:

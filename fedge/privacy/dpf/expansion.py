@@ -175,7 +175,7 @@ def _descend(batch, seeds, t, level, stop, work, parallel, leaf_tweaks=None):
     np.bitwise_xor(seeds[:, :, None, :], tweaks, out=inp)
     for lvl in range(level, stop):
         out = aes_out[: inp.size].reshape(inp.shape)
-        work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+        work.enc.update_into(inp.reshape(-1).view(np.uint8).data, aes_out.view(np.uint8).data)
         tweaks = leaf_tweaks if lvl == depth - 1 else BRANCH
         nodes = 2 * t.shape[1]
         nxt = bufs[(lvl - level + 1) % 2][: k * nodes * tweaks.size].reshape(k, nodes, -1, 2)
@@ -225,7 +225,7 @@ def expand_below(
         t = np.ascontiguousarray(t)
         _AES_LEAVES[threads](words, inp.reshape(keys, -1), t, cw_out, VALUE_TWEAKS, ROUND_KEYS)
     else:
-        work.enc.update_into(inp.reshape(-1).view(np.uint8), aes_out.view(np.uint8))
+        work.enc.update_into(inp.reshape(-1).view(np.uint8).data, aes_out.view(np.uint8).data)
         words = aes_out[: inp.size].reshape(keys, -1)
         _LEAVES[threads](words, inp.reshape(keys, -1), t, cw_out)
     if bits < 6:  # less than a word; one block: keep a word, contiguous as the kernels want

@@ -54,7 +54,7 @@ def aes(blocks: np.ndarray) -> np.ndarray:
     """Fixed-key AES-128 over every 16-byte block of a uint64 array: one ECB call."""
     flat = np.ascontiguousarray(blocks).reshape(-1)
     out = np.empty(flat.size + 2, np.uint64)  # update_into wants block_size - 1 spare bytes
-    aes_encryptor().update_into(flat.view(np.uint8), out.view(np.uint8))
+    aes_encryptor().update_into(flat.view(np.uint8).data, out.view(np.uint8).data)
     return out[: flat.size].reshape(blocks.shape)
 
 

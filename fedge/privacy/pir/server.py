@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 
@@ -155,7 +156,7 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
     kernel runs over its own rows for its own keys. Big tables get their own chunked pass."""
     if len(servers) != len(keys):
         raise ValueError(f"{len(servers)} servers but {len(keys)} key lists")
-    out: list[np.ndarray | None] = [None] * len(servers)
+    out: dict[int, np.ndarray] = {}
     groups: dict[int, list[int]] = {}
     for i, (server, k) in enumerate(zip(servers, keys, strict=True)):
         table = server.table
@@ -175,7 +176,7 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
             raise
         counts = [len(keys[i]) for i in members]
         bounds = np.cumsum([0, *counts])
-        party = [-1 if servers[i].party is None else servers[i].party for i in members]
+        party = [-1 if (p := servers[i].party) is None else p for i in members]
         wrong = np.repeat(party, counts)  # each table checks only what differs: its party
         wrong = (wrong >= 0) & (wrong != batch.party)
         if wrong.any():  # raises, naming the table's key
@@ -192,7 +193,7 @@ def answer_many(servers: Sequence[PIRServer], keys: Sequence[Sequence[bytes]]) -
         )
         for i, answer in zip(members, answers, strict=True):
             out[i] = answer
-    return out
+    return [out[i] for i in range(len(servers))]
 
 
 def _table_answers(
@@ -254,8 +255,8 @@ def as_batch(keys: KeyBatch | Sequence[DPFKey | bytes]) -> KeyBatch:
     if isinstance(keys, KeyBatch):
         return keys
     if keys and all(isinstance(k, DPFKey) for k in keys):
-        return KeyBatch.of(keys)
-    return KeyBatch.parse(keys)
+        return KeyBatch.of(cast(Sequence[DPFKey], keys))
+    return KeyBatch.parse(cast(Sequence[bytes], keys))  # anything else fails there, by position
 
 
 class PIRServer:
