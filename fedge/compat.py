@@ -12,13 +12,16 @@ moves one breaks `self_test()` here, loudly, and nowhere else.
 from __future__ import annotations
 
 import uuid
+from typing import cast
 
 from flwr.app import Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
@@ -26,12 +29,14 @@ __all__ = [
     "SUPERLINK_NODE_ID",
     "ErrorCode",
     "NeighboringRelation",
+    "Run",
     "PrivacyConfig",
     "RdpAccountant",
     "SamplingMethod",
     "aggregate_arrayrecords",
     "assign_message_id",
     "claim_server_identity",
+    "empty_run",
     "error_reply",
     "self_test",
     "set_message_id",
@@ -43,6 +48,11 @@ def claim_server_identity(run_id: int) -> None:
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
+
+
+def empty_run(run_id: int) -> Run:
+    """The `Run` a Grid reports for a run fedge started without a SuperLink."""
+    return Run.create_empty(run_id)
 
 
 def assign_message_id(message: Message) -> str:
@@ -76,7 +86,8 @@ def self_test() -> None:
         mid = assign_message_id(msg)
         reply = Message(RecordDict(), reply_to=msg)
         ids_ok = (
-            msg.metadata.message_id == mid
+            empty_run(7).run_id == 7
+            and msg.metadata.message_id == mid
             and msg.metadata.run_id == 7
             and reply.metadata.reply_to_message_id == mid
             and reply.metadata.src_node_id == 2
@@ -97,10 +108,9 @@ def self_test() -> None:
         dp = DifferentialPrivacyClientSideFixedClipping(
             FedAvg(), 1.0, 0.5, 2, accountant=accountant
         )
-        sent = next(
-            iter(dp.configure_train(1, ArrayRecord([np.zeros(2)]), ConfigRecord(), _Nodes()))
-        )
-        dp_ok = sent.content["config"][KEY_CLIPPING_NORM] == 0.5
+        nodes = cast(Grid, _Nodes())
+        sent = next(iter(dp.configure_train(1, ArrayRecord([np.zeros(2)]), ConfigRecord(), nodes)))
+        dp_ok = sent.content.config_records["config"][KEY_CLIPPING_NORM] == 0.5
     except Exception as exc:  # any failure means the internals moved
         raise RuntimeError(f"fedge's Flower compatibility layer is broken: {exc!r}") from exc
     if not ids_ok:

@@ -54,7 +54,20 @@ EMD = "emd"  # earth mover's distance of the client's labels from the population
 DP_WEIGHT = "dp-weight"  # 1 from every client under DP: equal FedAvg weights, as accounting needs
 
 
-def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
+# what a MetricRecord holds (Flower's record value types)
+MetricValues = dict[str, int | float | list[int] | list[float]]
+
+
+def number(record: Mapping[str, Any], key: str, default: float | None = None) -> float:
+    """A scalar metric or config value as a float; a clear error when a peer sent a list or
+    text where fedge expects a number (`default` where the key is missing, if given)."""
+    value = record.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def node_config(partition_id: int, num_partitions: int) -> dict[str, bool | float | int | str]:
     """The node config of a simulated node holding partition `partition_id`."""
     return {PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions}
 
@@ -100,9 +113,8 @@ class ClientSpec:
         data folder and budget win, and a device started for another task is refused."""
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            default = f.default
-            raw = config.get(_key(f.name), default)
-            values[f.name] = type(default)(raw)
+            default = getattr(CLIENT_DEFAULTS, f.name)
+            values[f.name] = type(default)(config.get(_key(f.name), default))
         local_task = node_config.get(NODE_TASK)
         if local_task and local_task != values["task"]:
             raise ValueError(

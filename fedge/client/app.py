@@ -29,7 +29,7 @@ from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
-from fedge.tasks.base import exchanged_state, load_exchanged
+from fedge.tasks.base import exchanged_state, load_exchanged, num_samples
 from fedge.wire import (
     ALGORITHM,
     ARRAYS,
@@ -52,6 +52,8 @@ from fedge.wire import (
     TRAIN_SECONDS,
     UPDATE_BYTES,
     ClientSpec,
+    MetricValues,
+    number,
 )
 
 
@@ -120,14 +122,14 @@ def peak_rss_mb() -> float:
 def train_config(spec: ClientSpec, config: ConfigRecord, pid: int) -> TrainConfig:
     """This round's local training: the run's settings, the strategy's proximal term, and a
     seed that differs by node and round."""
-    rnd = int(config.get(SERVER_ROUND, 1))
+    rnd = int(number(config, SERVER_ROUND, 1))
     return TrainConfig(
         epochs=spec.local_epochs,
         batch_size=spec.batch_size,
         lr=spec.round_lr(rnd),
         momentum=spec.momentum,
         max_seconds=spec.max_train_seconds,
-        proximal_mu=float(config.get(PROXIMAL_MU, 0.0)),
+        proximal_mu=number(config, PROXIMAL_MU, 0.0),
         seed=spec.seed * 1_000_003 + pid * 1009 + rnd,
     )
 
@@ -150,7 +152,7 @@ def outgoing_arrays(
         return ArrayRecord(state)
     global_state = sent.to_torch_state_dict()
     if CLIPPING_NORM in config:
-        state = clip_update(state, global_state, float(config[CLIPPING_NORM]))
+        state = clip_update(state, global_state, number(config, CLIPPING_NORM))
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
@@ -160,10 +162,10 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the local partition and reply with weights and device metrics."""
-    config = msg.content[CONFIG]
+    config = msg.content.config_records[CONFIG]
     spec = ClientSpec.from_record(config, context.node_config)
     task, train_data, _ = client_data(spec, context.node_config)
-    model = model_from(task, msg.content[ARRAYS], resolve_device(spec.device))
+    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     pid, _ = partition_of(context.node_config)
     cfg = train_config(spec, config, pid)
     algorithm = client_algorithm(str(config.get(ALGORITHM, "")))
@@ -175,11 +177,11 @@ def train(msg: Message, context: Context) -> Message:
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
     fault = client_fault(spec, context.node_config)
-    arrays = outgoing_arrays(model, msg.content[ARRAYS], config, fault)
+    arrays = outgoing_arrays(model, msg.content.array_records[ARRAYS], config, fault)
     train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {
-            NUM_EXAMPLES: len(train_data),
+            NUM_EXAMPLES: num_samples(train_data),
             TRAIN_LOSS: report.loss,
             TRAIN_SECONDS: time.perf_counter() - started,
             PEAK_RSS_MB: peak_rss_mb(),
@@ -200,10 +202,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
-    spec = ClientSpec.from_record(msg.content[CONFIG], context.node_config)
+    spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
-    model = model_from(task, msg.content[ARRAYS], resolve_device(spec.device))
+    if num_samples(eval_data) == 0:  # its partition is too small to hold data out
+        raise ValueError("this client holds no evaluation data (its partition has one sample)")
+    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     result = task.evaluate(model, eval_data)
-    metrics = {k: float(v) for k, v in result.items() if k != "num_examples"}
-    metrics[NUM_EXAMPLES] = len(eval_data)
+    metrics: MetricValues = {k: float(v) for k, v in result.items() if k != "num_examples"}
+    metrics[NUM_EXAMPLES] = num_samples(eval_data)
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -34,8 +34,8 @@ from fedge.config import RunConfig
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import emd_summary, float_entries, relative_distance
 from fedge.tasks import Task, TrainConfig
-from fedge.tasks.base import TrainReport
-from fedge.wire import EMD, METRICS, NUM_EXAMPLES, STEPS
+from fedge.tasks.base import TrainReport, num_samples
+from fedge.wire import EMD, METRICS, NUM_EXAMPLES, STEPS, number
 
 
 def _ok(replies: Iterable[Message]) -> list[Message]:
@@ -62,9 +62,9 @@ def weight_divergence(fedavg: Mapping[str, object], sgd: Mapping[str, object]) -
 
 def label_skew(replies: Iterable[Message]) -> dict[str, float]:
     """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied."""
-    rows = [m.content[METRICS] for m in _ok(replies)]
+    rows = [m.content.metric_records[METRICS] for m in _ok(replies)]
     rows = [r for r in rows if EMD in r]
-    return emd_summary([float(r[EMD]) for r in rows], [float(r[NUM_EXAMPLES]) for r in rows])
+    return emd_summary([number(r, EMD) for r in rows], [number(r, NUM_EXAMPLES) for r in rows])
 
 
 def client_drift(drift: Sequence[float], num_examples: Sequence[float]) -> dict[str, float]:
@@ -90,7 +90,7 @@ class ShadowSGD:
     def step(self, server_round: int, steps: int, lr: float) -> dict[str, torch.Tensor]:
         """Advance by `steps` SGD steps at `lr`; return the shadow model's state."""
         if steps > 0:
-            per_epoch = -(-len(self.data) // self.train.batch_size)  # ceil
+            per_epoch = -(-num_samples(self.data) // self.train.batch_size)  # ceil
             cfg = dataclasses.replace(
                 self.train,
                 epochs=-(-steps // max(per_epoch, 1)),
@@ -106,24 +106,24 @@ class ShadowSGD:
 def fedavg_round_steps(replies: Iterable[Message]) -> int:
     """The SGD steps a round of FedAvg took: the n_k-weighted mean of the clients' steps
     (Zhao: T local steps <-> T SGD steps; FedAvg weights client k by n_k, so do we)."""
-    rows = [m.content[METRICS] for m in _ok(replies)]
+    rows = [m.content.metric_records[METRICS] for m in _ok(replies)]
     if not rows:
         return 0
-    weights = [float(r[NUM_EXAMPLES]) for r in rows]
-    return round(float(np.average([float(r[STEPS]) for r in rows], weights=weights)))
+    weights = [number(r, NUM_EXAMPLES) for r in rows]
+    return round(float(np.average([number(r, STEPS) for r in rows], weights=weights)))
 
 
 def fedavg_steps(sizes: Sequence[int], batch_size: int, epochs: int) -> int:
     """The SGD steps one FedAvg round amounts to: client k takes ceil(n_k / B) * E steps and
     FedAvg weights its update by n_k, so the n_k-weighted mean (clients of unequal size,
     as under Dirichlet splits, make it larger than the plain mean)."""
-    sizes = np.asarray(sizes, dtype=np.float64)
-    if len(sizes) == 0 or sizes.sum() <= 0 or batch_size < 1 or epochs < 1:
+    n = np.asarray(sizes, dtype=np.float64)
+    if len(n) == 0 or n.sum() <= 0 or batch_size < 1 or epochs < 1:
         raise ValueError(
-            f"need clients with data, B >= 1 and E >= 1; got {sizes}, B={batch_size}, E={epochs}"
+            f"need clients with data, B >= 1 and E >= 1; got {n}, B={batch_size}, E={epochs}"
         )
-    steps = np.ceil(sizes / batch_size) * epochs
-    return int(round(float((steps * sizes).sum() / sizes.sum())))
+    steps = np.ceil(n / batch_size) * epochs
+    return int(round(float((steps * n).sum() / n.sum())))
 
 
 def sgd_replicas(
@@ -158,7 +158,7 @@ def mean_state(states: Sequence[Mapping[str, object]]) -> dict[str, np.ndarray]:
     if not states:
         raise ValueError("mean_state needs at least one state")
     floats = [float_entries(s) for s in states]
-    return {k: sum(f[k] for f in floats) / len(floats) for k in floats[0]}
+    return {k: np.mean([f[k] for f in floats], axis=0) for k in floats[0]}
 
 
 def sgd_noise(states: Sequence[Mapping[str, object]]) -> float:

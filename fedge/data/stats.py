@@ -47,12 +47,12 @@ def client_emds(labels: np.ndarray, clients: Sequence[np.ndarray]) -> np.ndarray
     return np.array([emd(label_distribution(labels[c], num_classes), p) for c in clients])
 
 
-def emd_summary(emds: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:
+def emd_summary(emds: Sequence[float], sizes: Sequence[float]) -> dict[str, float]:
     """`emd_mean` (weighted by client size n_k) and `emd_max` over a set of clients."""
-    emds, sizes = np.asarray(emds, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
-    if len(emds) == 0 or sizes.sum() <= 0:
+    e, n = np.asarray(emds, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+    if len(e) == 0 or n.sum() <= 0:
         return {}
-    return {"emd_mean": float((emds * sizes).sum() / sizes.sum()), "emd_max": float(emds.max())}
+    return {"emd_mean": float((e * n).sum() / n.sum()), "emd_max": float(e.max())}
 
 
 def float_entries(state: Mapping[str, object]) -> dict[str, np.ndarray]:

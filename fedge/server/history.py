@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message
 
 from fedge.data.divergence import label_skew
+from fedge.errors import ConfigError
 from fedge.files import atomic_write_bytes
 from fedge.server.observer import RoundReplies
 from fedge.wire import (
@@ -30,7 +31,7 @@ from fedge.wire import (
 )
 
 
-def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, float]], int]:
+def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, Any]], int]:
     """Metric dicts of the successful replies, and the number of failed ones."""
     ok, failed = [], 0
     for msg in replies:
@@ -41,7 +42,7 @@ def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, float]], int]:
     return ok, failed
 
 
-def _weighted(rows: list[dict[str, float]], key: str) -> float:
+def _weighted(rows: list[dict[str, Any]], key: str) -> float:
     total = sum(r.get(NUM_EXAMPLES, 0) for r in rows if key in r)
     if total <= 0:
         return math.nan
@@ -105,7 +106,7 @@ class History:
     def round_record(
         self,
         server_round: int,
-        central: dict[str, float],
+        central: Mapping[str, Any],
         replies: RoundReplies,
         extra: dict[str, Any],
         seconds: float,
@@ -128,6 +129,15 @@ class History:
             **summarize_evaluate(replies.evaluate),
             "seconds": seconds,
         }
+
+    def failed_rounds_in_a_row(self) -> int:
+        """How many of the last rounds aggregated no update (no client trained successfully)."""
+        count = 0
+        for record in reversed(self.records):
+            if record.get("num_clients", 0) > 0:
+                break
+            count += 1
+        return count
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append({k: _clean(v) for k, v in record.items()})
@@ -171,4 +181,4 @@ def load_history(out: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: did the run finish a round?") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is damaged ({exc}); rerun or restore it") from None
+        raise ConfigError(f"{path} is damaged ({exc}); rerun or restore it") from None

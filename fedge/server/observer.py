@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType
+from flwr.app import ArrayRecord, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid
 from rich.console import Console
 
-from fedge.compat import error_reply
+from fedge.compat import Run, error_reply
 from fedge.data.divergence import client_drift
 from fedge.server.validation import check_update
 from fedge.tasks.base import exchanged_state
-from fedge.wire import ARRAYS, METRICS, NUM_EXAMPLES
+from fedge.wire import ARRAYS, METRICS, NUM_EXAMPLES, number
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -53,11 +53,11 @@ class RoundObserver(Grid):
         self.rejected = 0  # training replies refused since the last take_round()
         self.drift: list[tuple[float, float]] = []  # (drift, n_k) of accepted training replies
 
-    def set_run(self, run_id: int) -> None:
-        self.grid.set_run(run_id)
+    def set_run(self, run: Run) -> None:
+        self.grid.set_run(run)
 
     @property
-    def run(self) -> Any:  # type: ignore[override]
+    def run(self) -> Run:
         return self.grid.run
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
@@ -93,8 +93,8 @@ class RoundObserver(Grid):
             node = reply.metadata.src_node_id
             reason, drift = self.check(reply, sent[node]) if node in sent else (None, None)
             if drift is not None and not reason:
-                metrics = reply.content.metric_records.get(METRICS, {})
-                self.drift.append((drift, float(metrics.get(NUM_EXAMPLES, 1.0))))
+                metrics = reply.content.metric_records.get(METRICS, MetricRecord())
+                self.drift.append((drift, number(metrics, NUM_EXAMPLES, 1.0)))
             if reason:
                 console.print(f"rejected the update of node {node}: {reason}")
                 self.rejected += 1
@@ -126,7 +126,7 @@ def update_check(model: torch.nn.Module, max_update_norm: float) -> ReplyCheck:
     decoded: dict[str, Any] = {"record": None, "values": None}
 
     def check(reply: Message, instruction: Message) -> tuple[str | None, float | None]:
-        sent = instruction.content[ARRAYS]
+        sent = instruction.content.array_records[ARRAYS]
         if decoded["record"] is not sent:
             values: dict[str, np.ndarray] = {k: a.numpy() for k, a in sent.items()}
             decoded.update(record=sent, values=values)

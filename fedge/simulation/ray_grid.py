@@ -137,7 +137,7 @@ class ClientWorker:
         The clients an actor serves share it: ClientApps read a message, never write it."""
         ref = boxed[0]  # boxed, so that Ray hands over the reference, not the object
         if self.content_id != ref.hex():
-            self.content = None  # drop the last round's copy before fetching this one
+            del self.content  # drop the last round's copy before fetching this one
             self.content = ray.get(ref)
             self.content_id = ref.hex()
         return self.content
@@ -209,7 +209,9 @@ class RayGrid(VirtualGrid):
         return max(1, int(min(fits)) if fits else os.cpu_count() or 1)
 
     def _new_actor(self) -> Any:
-        return ClientWorker.options(num_cpus=self.client_cpus, num_gpus=self.client_gpus).remote(
+        options = {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus}
+        worker: Any = ClientWorker  # a Ray actor class: `options` and `remote` are Ray's
+        return worker.options(**options).remote(
             self.app_spec, self.run_id, self.num_nodes, int(max(1, self.client_cpus))
         )
 

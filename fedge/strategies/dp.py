@@ -15,6 +15,7 @@ import torch
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
 
 from fedge.compat import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from fedge.errors import ConfigError
 
 __all__ = ["clip_update", "privacy_spent", "with_dp"]
 
@@ -41,7 +42,7 @@ def with_dp(
             strategy, noise_multiplier, clipping_norm, num_sampled_clients, accountant=accountant
         )
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"differential privacy (--dp-noise) cannot wrap {type(strategy).__name__}: {exc} "
             "Use --strategy fedavg or fedprox."
         ) from None
