@@ -121,9 +121,14 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
+# A round's step budget; an on-device scheduler (fedge.edge) sets it per device (0: none).
+KEY_MAX_TRAIN_STEPS = "max-train-steps"
+
+
 def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) -> TrainConfig:
-    """Local hyper-parameters from the server, the budget from the node if it sets one."""
+    """Local hyper-parameters from the server, the budgets from the node if it sets them."""
     budget = node_config.get("max-train-seconds", config.get("max-train-seconds", 0.0))
+    steps = node_config.get(KEY_MAX_TRAIN_STEPS, config.get(KEY_MAX_TRAIN_STEPS, 0))
     rnd = int(config.get("server-round", 1))
     return TrainConfig(
         epochs=int(config.get("local-epochs", 1)),
@@ -131,6 +136,7 @@ def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) ->
         lr=float(config.get("lr", 0.05)) * float(config.get("lr-decay", 1.0)) ** (rnd - 1),
         momentum=float(config.get("momentum", 0.0)),
         max_seconds=float(budget),
+        max_steps=int(steps),
         proximal_mu=float(config.get("proximal-mu", 0.0)),
         seed=int(config.get("seed", 0)) * 1_000_003 + pid * 1009 + rnd,
     )
