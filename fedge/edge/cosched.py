@@ -143,7 +143,7 @@ def run(
         return dep is None or dep_frame(scenario.model(dep), job.injected_ms) in completed[dep]
 
     def drop(job: Job) -> None:
-        job.record.dropped = True
+        job.record.dropped, job.record.dropped_ms = True, now
         pending.remove(job)
         dropped[job.model].add(job.record.frame)
         result.records.append(job.record)

@@ -102,8 +102,8 @@ class Dream(Scheduler):
             if self.device.can_run(job.model, unit)
         ]
         for m in self.scenario.models:
-            release = state.next_release(m)
-            if self.device.can_run(m.name, unit) and not math.isinf(release):
+            if self.device.can_run(m.name, unit):
+                release = state.next_release(m)
                 demand.append((release, release + m.period_ms, m.period_ms, m.name))
         t = state.now + step.latency_ms
         for release, deadline, period, model in sorted(demand, key=lambda d: d[1]):

@@ -55,9 +55,9 @@ class DeviceState:
     horizon_ms: float
 
     def next_release(self, spec: ModelSpec) -> float:
-        """When the model's next frame arrives after now (inf: none before the horizon)."""
-        t = (math.floor(self.now / spec.period_ms + EPS_MS) + 1) * spec.period_ms
-        return t if t < self.horizon_ms - EPS_MS else math.inf
+        """When the model's next frame arrives after now. The scenario goes on past the
+        simulated horizon, so a release after it still counts."""
+        return (math.floor(self.now / spec.period_ms + EPS_MS) + 1) * spec.period_ms
 
 
 class Scheduler(ABC):

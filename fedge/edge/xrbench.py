@@ -235,6 +235,7 @@ class FrameRecord:
     unit: str | None = None
     energy_mj: float = 0.0
     dropped: bool = False
+    dropped_ms: float | None = None  # when it was dropped (XRBench logs that time too)
 
     @property
     def late(self) -> bool:

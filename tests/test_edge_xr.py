@@ -1,0 +1,227 @@
+"""On-device co-scheduling: XRBench's scoring, the schedulers, the engine, and the round
+budget a scheduler grants reaching the client."""
+
+import math
+
+import pytest
+from flwr.app import MessageType
+
+from fedge.client.app import KEY_MAX_TRAIN_STEPS, train_config
+from fedge.client.app import app as client_app
+from fedge.config import RunConfig
+from fedge.edge.cosched import dep_frame, requests, round_budget, run
+from fedge.edge.device import TRAIN_STEP, Cost, Device
+from fedge.edge.scheduler import SCHEDULERS, load_scheduler
+from fedge.edge.xrbench import (
+    XRBENCH_SCENARIOS,
+    FrameRecord,
+    ModelSpec,
+    Scenario,
+    energy_score,
+    model_score,
+    qoe_score,
+    realtime_score,
+    scenario,
+    scenario_score,
+    with_fedge_models,
+)
+from fedge.server.app import run_server
+from fedge.simulation.scheduled import ScheduledGrid, SimulatedDevice
+
+
+def one_unit(costs: dict[str, float], units: tuple[str, ...] = ("cpu",)) -> Device:
+    """A device whose every unit runs every listed model at the given latency, 1 mJ/ms."""
+    return Device("t", units, {m: {u: Cost(ms, ms) for u in units} for m, ms in costs.items()})
+
+
+# --- scoring ---------------------------------------------------------------------------------
+def test_realtime_score_is_one_half_exactly_at_the_deadline():
+    assert realtime_score(100.0, 100.0) == 0.5
+    assert realtime_score(90.0, 100.0) == pytest.approx(1.0, abs=1e-60)
+    assert realtime_score(101.0, 100.0) == pytest.approx(1 / (1 + math.exp(15)))
+    assert realtime_score(1e6, 0.0) == 0.0  # no overflow
+
+
+def test_model_and_scenario_scores_match_a_hand_computed_case():
+    recs = [
+        FrameRecord("a", 0, 0, 100, 0, 100, "cpu", 150.0),  # at deadline: RT 0.5, energy 0.9
+        FrameRecord("a", 1, 100, 200, 100, 200, "cpu", 150.0),  # at deadline
+        FrameRecord("a", 2, 200, 300, 200, 250, "cpu", 150.0),  # 50 ms early: RT 1
+        FrameRecord("a", 3, 300, 400, dropped=True),
+    ]
+    assert energy_score(150.0) == pytest.approx(0.9)
+    assert qoe_score(recs) == 0.75
+    # (0.5*0.9 + 0.5*0.9 + 1*0.9) / 4 frames * QoE 0.75 = 0.3375
+    assert model_score(recs) == pytest.approx(0.3375)
+    other = [FrameRecord("b", 0, 0, 10, 0, 5, "npu", 0.0)]  # perfect: 1.0
+    assert scenario_score(recs + other) == pytest.approx(100 * (0.3375 + 1.0) / 2)
+
+
+def test_a_dropped_frame_drops_the_frames_that_wait_on_it():
+    # C holds u0 for 150 ms, so A's frame 0 (due 100) is dropped at 100; B's frame 0 waits on
+    # it and goes with it at 100, long before its own deadline (200), though B has a unit.
+    sc = Scenario("chain", (ModelSpec("C", 10), ModelSpec("A", 10), ModelSpec("B", 5, "A")))
+    dev = Device(
+        "t",
+        ("u0", "u1"),
+        {"C": {"u0": Cost(150, 1)}, "A": {"u0": Cost(1, 1)}, "B": {"u1": Cost(1, 1)}},
+    )
+    res = run(sc, dev, load_scheduler("fcfs"), horizon_ms=400)
+    rec = {(r.model, r.frame): r for r in res.records}
+    assert rec["A", 0].dropped and rec["A", 0].dropped_ms == pytest.approx(100.0, abs=1e-6)
+    assert rec["B", 0].dropped and rec["B", 0].dropped_ms == pytest.approx(100.0, abs=1e-6)
+    assert rec["B", 0].start_ms is None
+    for (model, frame), r in rec.items():  # every B frame whose A frame was dropped
+        if model == "B" and rec["A", 2 * frame].dropped:
+            assert r.dropped and r.dropped_ms <= max(rec["A", 2 * frame].dropped_ms, 0) + 1e-6
+
+
+def test_scenario_score_of_an_engine_run_is_recomputed_by_hand():
+    sc = Scenario("one", (ModelSpec("m", 10),))
+    res = run(sc, one_unit({"m": 30.0}), load_scheduler("edf"), horizon_ms=1000)
+    assert len(res.records) == 10 and res.misses == 0
+    expected = sum(
+        realtime_score(r.finish_ms, r.deadline_ms) * energy_score(30.0) for r in res.records
+    )
+    assert res.score == pytest.approx(100 * expected / 10)
+
+
+# --- schedulers and the engine -------------------------------------------------------------
+FEDGE_AR = with_fedge_models(XRBENCH_SCENARIOS["ar_assistant"], llm_fps=30)
+
+
+def ar_device() -> Device:
+    cpu = {"kws": 3.0, "asr_chunk": 2.0, "hrvit": 26.0, "llm_decode": 3.0, TRAIN_STEP: 12.0}
+    costs = {m: {c: Cost(ms, 2 * ms) for c in ("cpu0", "cpu1")} for m, ms in cpu.items()}
+    for m in ("DE_midas_v21_small", "PD_Plane_RCNN_Quarter", "OD_D2go_FasterRCNN"):
+        costs[m] = {"npu": Cost(9.0, 300.0)}
+    return Device("ar", ("cpu0", "cpu1", "npu"), costs)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+@pytest.mark.parametrize("training", ["off", "always", "slack"])
+def test_no_scheduler_starts_a_job_before_its_dependencies(name, training):
+    res = run(FEDGE_AR, ar_device(), load_scheduler(name), 2000, training, seed=3)
+    done = {(r.model, r.frame): r for r in res.records}
+    checked = 0
+    for r in res.records:
+        dep = FEDGE_AR.model(r.model).depends_on
+        if dep and r.start_ms is not None:
+            parent = done[dep, dep_frame(FEDGE_AR.model(dep), r.injected_ms)]
+            assert r.start_ms >= parent.finish_ms - 1e-9
+            checked += 1
+    assert checked > 0  # the cascade (kws -> asr -> llm) did run
+    busy = sorted((u, s, e) for u, _, s, e in res.timeline)
+    for (u1, _, e1), (u2, s2, _) in zip(busy, busy[1:], strict=False):
+        assert u1 != u2 or s2 >= e1 - 1e-9  # one job at a time per unit
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_an_infeasible_scenario_reports_its_misses(name):
+    sc = Scenario("overload", (ModelSpec("big", 30), ModelSpec("small", 60)))
+    res = run(sc, one_unit({"big": 100.0, "small": 20.0}), load_scheduler(name), 1000)
+    assert len(res.records) == len(requests(sc, 1000, 0)) == 30 + 60
+    assert res.misses > 45 and res.drops > 0
+    assert all(r.dropped or r.finish_ms is not None for r in res.records)
+
+
+def test_dream_grants_no_step_that_would_cost_a_frame_its_deadline():
+    # a 150 ms step never fits the 70 ms gap between frames; idle-time training misses
+    sc = Scenario("tight", (ModelSpec("m", 10),))
+    dev = one_unit({"m": 30.0, TRAIN_STEP: 150.0})
+    fcfs = run(sc, dev, load_scheduler("fcfs"), 1000, "slack")
+    dream = run(sc, dev, load_scheduler("dream"), 1000, "slack")
+    assert fcfs.train_steps > 0 and fcfs.misses > 0
+    assert dream.train_steps == 0 and dream.misses == 0
+    wide = one_unit({"m": 30.0, TRAIN_STEP: 10.0})
+    steps, granted = round_budget(sc, wide, load_scheduler("dream"), 1000)
+    assert steps == granted.train_steps > 10 and granted.misses == 0
+
+
+def test_always_on_training_takes_its_unit_from_inference():
+    sc = Scenario("one", (ModelSpec("m", 10),))
+    dev = one_unit({"m": 30.0, TRAIN_STEP: 20.0})
+    alone = run(sc, dev, load_scheduler("edf"), 1000)
+    always = run(sc, dev, load_scheduler("edf"), 1000, "always")
+    # the trainer holds the unit until the horizon (50 steps of 20 ms): every frame misses
+    assert alone.misses == 0 and always.misses == 10 and always.train_steps == 50
+
+
+def test_bad_input_gets_a_one_line_error():
+    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
+        load_scheduler("nope")
+    with pytest.raises(ValueError, match="not a fedge.edge.scheduler.Scheduler"):
+        load_scheduler("fedge.edge.xrbench:Scenario")
+    with pytest.raises(ValueError, match="unknown scenario"):
+        scenario("moon_walk")
+    with pytest.raises(ValueError, match="fps 0"):
+        Scenario("s", (ModelSpec("m", 0),))
+    with pytest.raises(ValueError, match="unknown model 'x'"):
+        Scenario("s", (ModelSpec("m", 10, "x"),))
+    with pytest.raises(ValueError, match="cycle"):
+        Scenario("s", (ModelSpec("a", 10, "b"), ModelSpec("b", 10, "a")))
+    with pytest.raises(ValueError, match="probability"):
+        Scenario("s", (ModelSpec("m", 10, None, 1.5),))
+    sc = Scenario("s", (ModelSpec("m", 10),))
+    with pytest.raises(ValueError, match="no unit that runs"):
+        run(sc, one_unit({"other": 1.0}), load_scheduler("fcfs"))
+    with pytest.raises(ValueError, match="training mode"):
+        run(sc, one_unit({"m": 1.0}), load_scheduler("fcfs"), training="sometimes")
+
+
+def test_a_plugged_in_scheduler_must_keep_the_rules():
+    sc = Scenario("two", (ModelSpec("A", 10), ModelSpec("B", 10)))
+    with pytest.raises(ValueError, match="busy or cannot run"):
+        run(sc, one_unit({"A": 5.0, "B": 5.0}), load_scheduler("tests.test_edge_xr:Greedy"))
+
+
+class Greedy(load_scheduler("fcfs").__class__):
+    """A broken plug-in: puts every ready job on the first unit."""
+
+    def assign(self, ready, idle, state):
+        return [(job, idle[0]) for job in ready] if idle else []
+
+
+# --- the budget reaches the client -----------------------------------------------------------
+def test_train_config_reads_the_step_budget_from_the_node():
+    from flwr.app import ConfigRecord
+
+    cfg = train_config(ConfigRecord({"lr": 0.1}), {KEY_MAX_TRAIN_STEPS: 7}, 0)
+    assert cfg.max_steps == 7
+
+
+class RecordingGrid(ScheduledGrid):
+    def deliver(self, message):
+        reply = super().deliver(message)
+        if message.metadata.message_type == MessageType.TRAIN:
+            self.replies.append((self.partition_of(message.metadata.dst_node_id), reply))
+        return reply
+
+
+def test_the_budget_a_scheduler_grants_is_what_the_client_trains(tmp_path):
+    sc = Scenario("one", (ModelSpec("m", 10),))
+    roomy = SimulatedDevice(sc, one_unit({"m": 30.0, TRAIN_STEP: 10.0}), "dream")
+    full = SimulatedDevice(sc, one_unit({"m": 99.0, TRAIN_STEP: 10.0}), "dream")  # no slack
+    grid = RecordingGrid(client_app, [roomy, roomy, full], window_ms=200.0)
+    grid.replies = []
+    cfg = RunConfig(
+        task="digits",
+        task_options={"source": "sklearn"},
+        num_clients=3,
+        rounds=2,
+        local_epochs=100,
+        batch_size=8,
+        eval_fraction=0.0,
+        out=str(tmp_path / "run"),
+    )
+    run_server(grid, cfg)
+    granted = {(e["round"], e["device"]): e["steps"] for e in grid.log}
+    assert len(grid.replies) == 6
+    for i, (pid, reply) in enumerate(grid.replies):
+        rnd = 1 + i // 3
+        if pid == 2:
+            assert granted[rnd, 2] == 0 and reply.has_error()
+            assert "granted no training step" in reply.error.reason
+        else:
+            assert granted[rnd, pid] > 0
+            assert reply.content["metrics"]["steps"] == granted[rnd, pid]
