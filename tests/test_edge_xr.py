@@ -11,7 +11,7 @@ from fedge.client.app import app as client_app
 from fedge.config import RunConfig
 from fedge.edge.cosched import dep_frame, requests, round_budget, run
 from fedge.edge.device import TRAIN_STEP, Cost, Device
-from fedge.edge.scheduler import SCHEDULERS, load_scheduler
+from fedge.edge.scheduler import FCFS, SCHEDULERS, load_scheduler
 from fedge.edge.xrbench import (
     XRBENCH_SCENARIOS,
     FrameRecord,
@@ -175,7 +175,7 @@ def test_a_plugged_in_scheduler_must_keep_the_rules():
         run(sc, one_unit({"A": 5.0, "B": 5.0}), load_scheduler("tests.test_edge_xr:Greedy"))
 
 
-class Greedy(load_scheduler("fcfs").__class__):
+class Greedy(FCFS):
     """A broken plug-in: puts every ready job on the first unit."""
 
     def assign(self, ready, idle, state):

@@ -9,7 +9,8 @@ paper's exact score terms and update rules are not reproduced here):
     score(job, unit) = w_urgency * urgency + w_energy * (1 - E(job, unit) / E_ref)
                        - w_load * load(unit)
     urgency = 1                                   if the job would finish late even now
-            = exp(-slack / T) + 0.5 * #dependents  otherwise, slack = deadline - now - latency
+            = exp(-slack / tau) + 0.5 * #dependents  otherwise (tau = 10 ms),
+    slack = deadline - now - latency (least laxity first, plus what finishing unlocks)
 
 `load(unit)` is the unit's utilisation by the scenario (sum of latency / period of the models
 it is fastest for). Training steps are jobs too: one is admitted on an idle unit only if,
@@ -41,8 +42,10 @@ class Dream(Scheduler):
         theta: float = 0.5,
         theta_min: float = 0.2,
         theta_max: float = 1.0,
+        tau_ms: float = 10.0,
     ) -> None:
         self.params = (w_urgency, w_energy, w_load, theta, theta_min, theta_max)
+        self.tau_ms = tau_ms
         self.theta_min, self.theta_max = theta_min, theta_max
 
     def reset(self, scenario: Scenario, device: Device) -> None:
@@ -63,7 +66,7 @@ class Dream(Scheduler):
         if slack < 0:
             urgency = 1.0
         else:
-            urgency = math.exp(-slack / job.spec.period_ms) + 0.5 * self.dependents[job.model]
+            urgency = math.exp(-slack / self.tau_ms) + 0.5 * self.dependents[job.model]
         energy = 1.0 - cost.energy_mj / self.e_ref if self.e_ref > 0 else 1.0
         return self.w_urgency * urgency + self.w_energy * energy - self.w_load * self.load[unit]
 

@@ -83,8 +83,8 @@ class ScheduledGrid(LocalGrid):
             return super().deliver(message)
         node = message.metadata.dst_node_id
         pid = self.partition_of(node)
-        server_round = int(message.content["config"].get("server-round", 1))
-        steps = self.grant(pid, server_round)
+        server_round = message.content["config"].get("server-round", 1)
+        steps = self.grant(pid, server_round if isinstance(server_round, int) else 1)
         if steps == 0:
             return error_reply(message, f"device {pid}: its scheduler granted no training step")
         self.context(node).node_config[KEY_MAX_TRAIN_STEPS] = steps
