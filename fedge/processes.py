@@ -65,7 +65,7 @@ def start(
     cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None
 ) -> subprocess.Popen:
     """Start a child in its own process group (so stop() also ends its children)."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    out = open(log, "ab") if log else subprocess.DEVNULL  # the child owns it: closed when it exits
     return subprocess.Popen(
         cmd,
         stdout=out,

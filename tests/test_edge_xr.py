@@ -6,8 +6,8 @@ import math
 import pytest
 from flwr.app import MessageType
 
-from fedge.client.app import KEY_MAX_TRAIN_STEPS, train_config
 from fedge.client.app import app as client_app
+from fedge.client.app import train_config
 from fedge.config import RunConfig
 from fedge.edge.cosched import dep_frame, requests, round_budget, run
 from fedge.edge.device import TRAIN_STEP, Cost, Device
@@ -25,8 +25,10 @@ from fedge.edge.xrbench import (
     scenario_score,
     with_fedge_models,
 )
+from fedge.errors import ConfigError
 from fedge.server.app import run_server
 from fedge.simulation.scheduled import ScheduledGrid, SimulatedDevice
+from fedge.wire import NODE_MAX_TRAIN_STEPS, ClientSpec
 
 
 def one_unit(costs: dict[str, float], units: tuple[str, ...] = ("cpu",)) -> Device:
@@ -148,30 +150,30 @@ def test_always_on_training_takes_its_unit_from_inference():
 
 
 def test_bad_input_gets_a_one_line_error():
-    with pytest.raises(ValueError, match="unknown scheduler 'nope'"):
+    with pytest.raises(ConfigError, match="unknown scheduler 'nope'"):
         load_scheduler("nope")
-    with pytest.raises(ValueError, match="not a fedge.edge.scheduler.Scheduler"):
+    with pytest.raises(ConfigError, match="not a fedge.edge.scheduler.Scheduler"):
         load_scheduler("fedge.edge.xrbench:Scenario")
-    with pytest.raises(ValueError, match="unknown scenario"):
+    with pytest.raises(ConfigError, match="unknown scenario"):
         scenario("moon_walk")
-    with pytest.raises(ValueError, match="fps 0"):
+    with pytest.raises(ConfigError, match="fps 0"):
         Scenario("s", (ModelSpec("m", 0),))
-    with pytest.raises(ValueError, match="unknown model 'x'"):
+    with pytest.raises(ConfigError, match="unknown model 'x'"):
         Scenario("s", (ModelSpec("m", 10, "x"),))
-    with pytest.raises(ValueError, match="cycle"):
+    with pytest.raises(ConfigError, match="cycle"):
         Scenario("s", (ModelSpec("a", 10, "b"), ModelSpec("b", 10, "a")))
-    with pytest.raises(ValueError, match="probability"):
+    with pytest.raises(ConfigError, match="probability"):
         Scenario("s", (ModelSpec("m", 10, None, 1.5),))
     sc = Scenario("s", (ModelSpec("m", 10),))
-    with pytest.raises(ValueError, match="no unit that runs"):
+    with pytest.raises(ConfigError, match="no unit that runs"):
         run(sc, one_unit({"other": 1.0}), load_scheduler("fcfs"))
-    with pytest.raises(ValueError, match="training mode"):
+    with pytest.raises(ConfigError, match="training mode"):
         run(sc, one_unit({"m": 1.0}), load_scheduler("fcfs"), training="sometimes")
 
 
 def test_a_plugged_in_scheduler_must_keep_the_rules():
     sc = Scenario("two", (ModelSpec("A", 10), ModelSpec("B", 10)))
-    with pytest.raises(ValueError, match="busy or cannot run"):
+    with pytest.raises(RuntimeError, match="busy or cannot run"):
         run(sc, one_unit({"A": 5.0, "B": 5.0}), load_scheduler("tests.test_edge_xr:Greedy"))
 
 
@@ -183,11 +185,11 @@ class Greedy(FCFS):
 
 
 # --- the budget reaches the client -----------------------------------------------------------
-def test_train_config_reads_the_step_budget_from_the_node():
-    from flwr.app import ConfigRecord
-
-    cfg = train_config(ConfigRecord({"lr": 0.1}), {KEY_MAX_TRAIN_STEPS: 7}, 0)
-    assert cfg.max_steps == 7
+def test_the_node_step_budget_wins_and_reaches_the_training_loop():
+    sent = ClientSpec.from_run(RunConfig(max_train_steps=3)).to_record()
+    assert train_config(ClientSpec.from_record(sent, {}), sent, 0).max_steps == 3
+    mine = ClientSpec.from_record(sent, {NODE_MAX_TRAIN_STEPS: 7})
+    assert train_config(mine, sent, 0).max_steps == 7
 
 
 class RecordingGrid(ScheduledGrid):

@@ -13,8 +13,16 @@ import os
 import subprocess
 from typing import Any
 
+from fedge.errors import ConfigError
 from fedge.processes import flower_tool, free_port, tool_env
 from fedge.tasks import Task, task_class
+from fedge.wire import (
+    NODE_DATA_DIR,
+    NODE_MAX_TRAIN_SECONDS,
+    NODE_TASK,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 
 __all__ = ["join", "supernode_command"]  # and PrivateEmbeddingClient, loaded lazily
 
@@ -54,34 +62,34 @@ def supernode_command(
     """
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
+        raise ConfigError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
     if not 0 <= partition_id < num_partitions:
-        raise ValueError(
+        raise ConfigError(
             f"--partition-id {partition_id}: must be in 0..{num_partitions - 1} (--num-partitions)"
         )
     if max_train_seconds < 0:
-        raise ValueError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
+        raise ConfigError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
     node_config: dict[str, Any] = {
-        "partition-id": partition_id,
-        "num-partitions": num_partitions,
-        "task": task_spec(task),
+        PARTITION_ID: partition_id,
+        NUM_PARTITIONS: num_partitions,
+        NODE_TASK: task_spec(task),
     }
     if max_train_seconds:
-        node_config["max-train-seconds"] = float(max_train_seconds)
+        node_config[NODE_MAX_TRAIN_SECONDS] = float(max_train_seconds)
     if data_dir:
-        node_config["data-dir"] = os.path.abspath(data_dir)
+        node_config[NODE_DATA_DIR] = os.path.abspath(data_dir)
     if tls_dir:
         ca_cert = os.path.join(tls_dir, "ca.crt")
         if not os.path.exists(ca_cert):
-            raise ValueError(f"--tls {tls_dir}: no ca.crt there; copy the server's ca.crt in")
+            raise ConfigError(f"--tls {tls_dir}: no ca.crt there; copy the server's ca.crt in")
         security = ["--root-certificates", os.path.abspath(ca_cert)]
     elif auth_key:
-        raise ValueError("--auth-key needs --tls DIR: Flower authenticates SuperNodes over TLS")
+        raise ConfigError("--auth-key needs --tls DIR: Flower authenticates SuperNodes over TLS")
     else:
         security = ["--insecure"]
     if auth_key:
         if not os.path.exists(auth_key):
-            raise ValueError(f"--auth-key {auth_key}: no such file")
+            raise ConfigError(f"--auth-key {auth_key}: no such file")
         security += ["--auth-supernode-private-key", os.path.abspath(auth_key)]
     return [
         flower_tool("flower-supernode"),

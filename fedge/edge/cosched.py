@@ -28,6 +28,7 @@ from fedge.edge.xrbench import (
     scenario_score,
     uxcost,
 )
+from fedge.errors import ConfigError
 
 TRAINING_MODES = ("off", "always", "slack")
 
@@ -123,9 +124,9 @@ def run(
 ) -> RunResult:
     """Simulate the scenario on the device under `scheduler` with `training`."""
     if training not in TRAINING_MODES:
-        raise ValueError(f"training mode {training!r} is not one of {TRAINING_MODES}")
+        raise ConfigError(f"training mode {training!r} is not one of {TRAINING_MODES}")
     if not horizon_ms > 0:
-        raise ValueError(f"horizon must be > 0 ms, got {horizon_ms}")
+        raise ConfigError(f"horizon must be > 0 ms, got {horizon_ms}")
     device.check_runs([m.name for m in scenario.models])
     if training != "off":
         device.check_runs([TRAIN_STEP])
@@ -208,12 +209,12 @@ def run(
         taken_units: set[str] = set()
         for job, unit in chosen:
             if job not in ready_jobs or job not in pending:
-                raise ValueError(
+                raise RuntimeError(
                     f"{scheduler.name}: {job.model} frame {job.record.frame} "
                     "is not ready or already started"
                 )
             if unit not in idle or unit in taken_units or not device.can_run(job.model, unit):
-                raise ValueError(
+                raise RuntimeError(
                     f"{scheduler.name}: unit {unit!r} is busy or cannot run {job.model}"
                 )
             taken_units.add(unit)

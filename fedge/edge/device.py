@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fedge.edge.xrbench import XRBENCH_GMACS
+from fedge.errors import ConfigError
 
 TRAIN_STEP = "train_step"  # the cost-table entry of one local-training step
 
@@ -42,7 +43,7 @@ class Cost:
 
     def __post_init__(self) -> None:
         if not self.latency_ms > 0 or self.energy_mj < 0:
-            raise ValueError(f"a cost needs latency > 0 and energy >= 0, got {self}")
+            raise ConfigError(f"a cost needs latency > 0 and energy >= 0, got {self}")
 
 
 @dataclass
@@ -56,11 +57,11 @@ class Device:
 
     def __post_init__(self) -> None:
         if not self.units or len(set(self.units)) != len(self.units):
-            raise ValueError(f"device {self.name!r} needs distinct units, got {self.units}")
+            raise ConfigError(f"device {self.name!r} needs distinct units, got {self.units}")
         for model, per_unit in self.costs.items():
             unknown = set(per_unit) - set(self.units)
             if unknown:
-                raise ValueError(f"device {self.name!r}: {model} names unknown units {unknown}")
+                raise ConfigError(f"device {self.name!r}: {model} names unknown units {unknown}")
 
     def can_run(self, model: str, unit: str) -> bool:
         return unit in self.costs.get(model, {})
@@ -69,7 +70,7 @@ class Device:
         try:
             return self.costs[model][unit]
         except KeyError:
-            raise ValueError(f"device {self.name!r} cannot run {model!r} on {unit!r}") from None
+            raise ConfigError(f"device {self.name!r} cannot run {model!r} on {unit!r}") from None
 
     def fastest(self, model: str, units: tuple[str, ...] | list[str]) -> str | None:
         """The unit among `units` with the lowest latency for `model` (None: none can)."""
@@ -80,7 +81,7 @@ class Device:
         """A one-line error if the device has no unit for one of `models`."""
         missing = [m for m in models if not self.costs.get(m)]
         if missing:
-            raise ValueError(f"device {self.name!r} has no unit that runs {missing}")
+            raise ConfigError(f"device {self.name!r} has no unit that runs {missing}")
 
 
 # --- measurement ---------------------------------------------------------------------------
@@ -194,7 +195,7 @@ def xr_device(cpu_ms: dict[str, float], cpu_cores: int = 2, npu_pes: int = 8192)
     """`cpu_cores` CPU cores (fedge's models and training, at the measured `cpu_ms`) and
     one XRBench-style accelerator with `npu_pes` PEs (XRBench's models, inference only)."""
     if cpu_cores < 1 or npu_pes < 1:
-        raise ValueError(f"need at least one core and one PE, got {cpu_cores}, {npu_pes}")
+        raise ConfigError(f"need at least one core and one PE, got {cpu_cores}, {npu_pes}")
     rate = NPU_4K_GMAC_PER_MS * npu_pes / 4096
     costs: dict[str, dict[str, Cost]] = {
         m: {"npu": Cost(g / rate, g * NPU_MJ_PER_GMAC)} for m, g in XRBENCH_GMACS.items()

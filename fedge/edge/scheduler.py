@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from fedge.edge.device import Cost, Device
 from fedge.edge.xrbench import FrameRecord, ModelSpec, Scenario
+from fedge.errors import ConfigError
 from fedge.plugins import load_object
 
 EPS_MS = 1e-9
@@ -169,11 +170,11 @@ def load_scheduler(spec: str) -> Scheduler:
     if spec in SCHEDULERS:
         spec = SCHEDULERS[spec]
     elif ":" not in spec:
-        raise ValueError(
+        raise ConfigError(
             f"unknown scheduler {spec!r}; choose one of {sorted(SCHEDULERS)} "
             "or give 'package.module:Class'"
         )
     cls = load_object(spec)
     if not (isinstance(cls, type) and issubclass(cls, Scheduler)):
-        raise ValueError(f"{spec!r} is not a fedge.edge.scheduler.Scheduler subclass")
+        raise ConfigError(f"{spec!r} is not a fedge.edge.scheduler.Scheduler subclass")
     return cls()

@@ -27,6 +27,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from fedge.errors import ConfigError
+
 K_REALTIME = 15.0  # per ms, XRBench v0.1 default
 E_MAX_MJ = 1500.0  # XRBench v0.1 default
 
@@ -56,26 +58,26 @@ class Scenario:
     def __post_init__(self) -> None:
         names = [m.name for m in self.models]
         if not names:
-            raise ValueError(f"scenario {self.name!r} has no models")
+            raise ConfigError(f"scenario {self.name!r} has no models")
         if len(set(names)) != len(names):
-            raise ValueError(f"scenario {self.name!r} names a model twice: {names}")
+            raise ConfigError(f"scenario {self.name!r} names a model twice: {names}")
         for m in self.models:
             if not m.fps > 0:
-                raise ValueError(f"scenario {self.name!r}: {m.name} has fps {m.fps}; must be > 0")
+                raise ConfigError(f"scenario {self.name!r}: {m.name} has fps {m.fps}; must be > 0")
             if not 0.0 <= m.probability <= 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"scenario {self.name!r}: {m.name} has probability {m.probability}; "
                     "must be in [0, 1]"
                 )
             if m.depends_on is not None and m.depends_on not in names:
-                raise ValueError(
+                raise ConfigError(
                     f"scenario {self.name!r}: {m.name} depends on unknown model {m.depends_on!r}"
                 )
         for m in self.models:  # a dependency chain must end
             seen, cur = {m.name}, m.depends_on
             while cur is not None:
                 if cur in seen:
-                    raise ValueError(f"scenario {self.name!r}: dependency cycle through {cur!r}")
+                    raise ConfigError(f"scenario {self.name!r}: dependency cycle through {cur!r}")
                 seen.add(cur)
                 cur = self.model(cur).depends_on
 
@@ -83,7 +85,7 @@ class Scenario:
         for m in self.models:
             if m.name == name:
                 return m
-        raise ValueError(f"scenario {self.name!r} has no model {name!r}")
+        raise ConfigError(f"scenario {self.name!r} has no model {name!r}")
 
     def dependents(self, name: str) -> list[str]:
         """Models that wait, directly or through others, on `name`'s output."""
@@ -206,7 +208,7 @@ def with_fedge_models(scenario: Scenario, llm_fps: float = 0.0) -> Scenario:
         models.append(ModelSpec(FEDGE_MODELS.get(m.name, m.name), m.fps, dep, m.probability))
     if llm_fps:
         if not any(m.name == "asr_chunk" for m in models):
-            raise ValueError(f"scenario {scenario.name!r} has no ASR for the LLM to wait on")
+            raise ConfigError(f"scenario {scenario.name!r} has no ASR for the LLM to wait on")
         models.append(ModelSpec("llm_decode", llm_fps, "asr_chunk", 1.0))
     return Scenario(f"{scenario.name}+fedge", tuple(models))
 
@@ -216,7 +218,7 @@ def scenario(name: str) -> Scenario:
     try:
         return XRBENCH_SCENARIOS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown scenario {name!r}; choose one of {sorted(XRBENCH_SCENARIOS)}"
         ) from None
 
@@ -305,5 +307,5 @@ def uxcost(records: Sequence[FrameRecord], energy_mj: float, reference_energy_mj
     """DREAM's UXCost as fedge computes it: deadline-violation rate x energy normalised to a
     reference run's energy (an EDP-like product; see docs/results/xr.md for the source)."""
     if reference_energy_mj <= 0:
-        raise ValueError("reference energy must be > 0")
+        raise ConfigError("reference energy must be > 0")
     return deadline_violation_rate(records) * (energy_mj / reference_energy_mj)

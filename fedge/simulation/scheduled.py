@@ -16,13 +16,13 @@ from typing import Any
 from flwr.app import Message, MessageType
 from flwr.clientapp import ClientApp
 
-from fedge.client.app import KEY_MAX_TRAIN_STEPS
 from fedge.compat import error_reply
 from fedge.edge.cosched import run
 from fedge.edge.device import Device
 from fedge.edge.scheduler import load_scheduler
 from fedge.edge.xrbench import Scenario
 from fedge.simulation.local_grid import LocalGrid
+from fedge.wire import CONFIG, NODE_MAX_TRAIN_STEPS, SERVER_ROUND, number
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,10 @@ class ScheduledGrid(LocalGrid):
             return super().deliver(message)
         node = message.metadata.dst_node_id
         pid = self.partition_of(node)
-        server_round = message.content["config"].get("server-round", 1)
-        steps = self.grant(pid, server_round if isinstance(server_round, int) else 1)
+        steps = self.grant(
+            pid, int(number(message.content.config_records[CONFIG], SERVER_ROUND, 1))
+        )
         if steps == 0:
             return error_reply(message, f"device {pid}: its scheduler granted no training step")
-        self.context(node).node_config[KEY_MAX_TRAIN_STEPS] = steps
+        self.context(node).node_config[NODE_MAX_TRAIN_STEPS] = steps
         return super().deliver(message)
