@@ -27,7 +27,7 @@ from fedge.config import RunConfig
 from fedge.edge.cosched import RunResult, run
 from fedge.edge.device import Device, measured_latencies, xr_device
 from fedge.edge.scheduler import SCHEDULERS, load_scheduler
-from fedge.edge.xrbench import XRBENCH_SCENARIOS, Scenario, with_fedge_models
+from fedge.edge.xrbench import Scenario, scenario, with_fedge_models
 from fedge.server.app import run_server
 from fedge.simulation.scheduled import ScheduledGrid, SimulatedDevice
 
@@ -77,12 +77,12 @@ METHOD = """## Method
 
 def scenarios() -> list[Scenario]:
     return [
-        with_fedge_models(XRBENCH_SCENARIOS["ar_assistant"], llm_fps=30),
-        with_fedge_models(XRBENCH_SCENARIOS["outdoor_a"]),
-        with_fedge_models(XRBENCH_SCENARIOS["outdoor_b"]),
-        XRBENCH_SCENARIOS["vr_gaming"],
-        XRBENCH_SCENARIOS["ar_gaming"],
-        XRBENCH_SCENARIOS["social_a"],
+        with_fedge_models(scenario("ar_assistant"), llm_fps=30),
+        with_fedge_models(scenario("outdoor_a")),
+        with_fedge_models(scenario("outdoor_b")),
+        scenario("vr_gaming"),
+        scenario("ar_gaming"),
+        scenario("social_a"),
     ]
 
 

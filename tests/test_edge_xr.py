@@ -9,7 +9,7 @@ from flwr.app import MessageType
 from fedge.client.app import app as client_app
 from fedge.client.app import train_config
 from fedge.config import RunConfig
-from fedge.edge.cosched import dep_frame, requests, round_budget, run
+from fedge.edge.cosched import dep_frame, requests, run
 from fedge.edge.device import TRAIN_STEP, Cost, Device
 from fedge.edge.scheduler import FCFS, SCHEDULERS, load_scheduler
 from fedge.edge.xrbench import (
@@ -136,8 +136,8 @@ def test_dream_grants_no_step_that_would_cost_a_frame_its_deadline():
     assert fcfs.train_steps > 0 and fcfs.misses > 0
     assert dream.train_steps == 0 and dream.misses == 0
     wide = one_unit({"m": 30.0, TRAIN_STEP: 10.0})
-    steps, granted = round_budget(sc, wide, load_scheduler("dream"), 1000)
-    assert steps == granted.train_steps > 10 and granted.misses == 0
+    granted = run(sc, wide, load_scheduler("dream"), 1000, "slack")
+    assert granted.train_steps > 10 and granted.misses == 0
 
 
 def test_always_on_training_takes_its_unit_from_inference():

@@ -1,5 +1,6 @@
 """Co-scheduling: a scenario's frames and a client's local training on one device, as a
-discrete-event simulation, and the round budget a scheduler grants from it.
+discrete-event simulation; the training steps a scheduler lets through in a window of device
+time are that device's round budget (`fedge.simulation.scheduled`).
 
 Units run one job at a time without preemption (XRBench's model). Training is a stream of
 steps (one at a time, each with its own cost on each unit that can train):
@@ -202,9 +203,7 @@ def run(
         if can_train and training == "always" and start_training(idle):
             can_train = False
             idle = [u for u in device.units if u not in running]
-        state = DeviceState(
-            now, device, scenario, {u: f for u, (_, f) in running.items()}, pending, horizon_ms
-        )
+        state = DeviceState(now, device, scenario, {u: f for u, (_, f) in running.items()}, pending)
         chosen = scheduler.assign(ready_jobs, idle, state) if ready_jobs and idle else []
         taken_units: set[str] = set()
         for job, unit in chosen:
@@ -242,16 +241,3 @@ def run(
         now = min(events)
     result.records.sort(key=lambda r: (r.injected_ms, r.model))
     return result
-
-
-def round_budget(
-    scenario: Scenario,
-    device: Device,
-    scheduler: Scheduler,
-    window_ms: float,
-    seed: int = 0,
-) -> tuple[int, RunResult]:
-    """The training steps a scheduler grants in one round's window of device time (its
-    slack, as it judges it), and the run that granted them."""
-    result = run(scenario, device, scheduler, window_ms, training="slack", seed=seed)
-    return result.train_steps, result

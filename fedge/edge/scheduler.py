@@ -45,15 +45,14 @@ class Job:
 
 @dataclass
 class DeviceState:
-    """What a scheduler may look at: the clock, the device, when busy units free up, every
-    requested job not yet started (ready or waiting on a dependency), and the horizon."""
+    """What a scheduler may look at: the clock, the device, when busy units free up, and
+    every requested job not yet started (ready or waiting on a dependency)."""
 
     now: float
     device: Device
     scenario: Scenario
     busy_until: dict[str, float]
     pending: list[Job]
-    horizon_ms: float
 
     def next_release(self, spec: ModelSpec) -> float:
         """When the model's next frame arrives after now. The scenario goes on past the
