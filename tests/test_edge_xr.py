@@ -2,15 +2,17 @@
 budget a scheduler grants reaching the client."""
 
 import math
+import time
 
 import pytest
+import torch
 from flwr.app import MessageType
 
 from fedge.client.app import app as client_app
 from fedge.client.app import train_config
 from fedge.config import RunConfig
 from fedge.edge.cosched import dep_frame, requests, run
-from fedge.edge.device import TRAIN_STEP, Cost, Device
+from fedge.edge.device import TRAIN_STEP, Cost, Device, measure_ms, xr_device
 from fedge.edge.scheduler import FCFS, SCHEDULERS, load_scheduler
 from fedge.edge.xrbench import (
     XRBENCH_SCENARIOS,
@@ -86,6 +88,28 @@ def test_scenario_score_of_an_engine_run_is_recomputed_by_hand():
         realtime_score(r.finish_ms, r.deadline_ms) * energy_score(30.0) for r in res.records
     )
     assert res.score == pytest.approx(100 * expected / 10)
+
+
+def test_the_accelerator_reproduces_xrbenchs_published_schedule_in_aggregate():
+    # XRBench's VR-gaming schedule on 4K PEs: 1.503 + 4.222 + 8.562 ms, 277.69 mJ a frame set
+    npu = xr_device({}, npu_pes=4096)
+    models = ("ES_RITNet", "GE_FBNet_C", "HT_hand_graph_cnn_half")
+    assert sum(npu.cost(m, "npu").latency_ms for m in models) == pytest.approx(14.2869, rel=1e-4)
+    assert sum(npu.cost(m, "npu").energy_mj for m in models) == pytest.approx(277.685, rel=1e-4)
+    assert xr_device({}).cost("ES_RITNet", "npu").latency_ms == pytest.approx(
+        npu.cost("ES_RITNet", "npu").latency_ms / 2
+    )
+
+
+def test_measurement_takes_the_fastest_run_on_one_thread():
+    threads = []
+
+    def work():
+        threads.append(torch.get_num_threads())
+        time.sleep(0.003)
+
+    ms = measure_ms({"w": work}, repeats=4, warmup=1)
+    assert 3.0 <= ms["w"] < 50.0 and set(threads) == {1} and len(threads) == 5
 
 
 # --- schedulers and the engine -------------------------------------------------------------

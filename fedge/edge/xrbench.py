@@ -8,8 +8,8 @@ taken from that code (read, not copied):
   `Dependency`); the GMACs below are summed from those files' CONV layer tables
   (N*K*C*(Y-R+1)*(X-S+1)*R*S, stride 1);
 - frames: frame i of a model is injected at i*T and due at (i+1)*T, T = 1000/FPS ms
-  (`HET_load-generator.hpp`: deadline = interval * (frame_id + 2) with frame ids from 0,
-  injected at interval * (frame_id + 1) of the previous id); a model with probability p
+  (`HET_load-generator.hpp` computes both from the last dispatched id d = i - 1:
+  injection interval * (d + 1), deadline interval * (d + 2)); a model with probability p
   is requested on a frame with probability p;
 - drops (`HET_runtime.hpp` DropLateFrames): a queued request whose deadline has passed is
   dropped, and so is every queued request of a model that waits on it (XRBench does one
