@@ -47,6 +47,15 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozen
                 metavar="KEY=VALUE",
                 help=f"{f.metadata['help']} (repeatable)",
             )
+        elif f.type == "bool":  # `--flag` alone means true; `--flag false` also works
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const="true",
+                metavar="BOOL",
+                help=f"{f.metadata['help']} [{default}]",
+            )
         else:
             parser.add_argument(
                 flag, dest=f.name, metavar=f.name.upper(), help=f"{f.metadata['help']} [{default}]"

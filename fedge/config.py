@@ -86,6 +86,10 @@ class RunConfig:
     dp_clip: float = opt(1.0, "differential privacy: clipping norm of each client's update")
     dp_delta: float = opt(1e-5, "differential privacy: the delta that epsilon is reported at")
     resume: bool = opt(False, "continue the run in `out` from its last intact round")
+    overwrite: bool = opt(False, "clear a non-empty `out` first (else only `resume` may reuse it)")
+    max_failed_rounds: int = opt(
+        3, "stop after this many rounds in a row that aggregated no update (0: never stop)"
+    )
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt(CLIENT_DEFAULTS.device, "torch device for training: cpu, cuda, or auto")
 
@@ -179,6 +183,15 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError(f"faults: {exc}") from None
         _check(self.max_update_norm >= 0, "max_update_norm", "must be >= 0", self.max_update_norm)
+        _check(
+            self.max_failed_rounds >= 0, "max_failed_rounds", "must be >= 0", self.max_failed_rounds
+        )
+        _check(
+            not (self.resume and self.overwrite),
+            "overwrite",
+            "cannot be combined with resume (it would delete the run being resumed)",
+            self.overwrite,
+        )
         _check(self.dp_noise >= 0, "dp_noise", "must be >= 0", self.dp_noise)
         _check(self.dp_clip > 0, "dp_clip", "must be > 0", self.dp_clip)
         _check(0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)", self.dp_delta)
@@ -225,6 +238,8 @@ SERVER_FIELDS = frozenset(
         "dp_clip",
         "dp_delta",
         "resume",
+        "overwrite",
+        "max_failed_rounds",
         "out",
     }
 )

@@ -205,6 +205,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
     spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
+    if num_samples(eval_data) == 0:  # its partition is too small to hold data out
+        raise ValueError("this client holds no evaluation data (its partition has one sample)")
     model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     result = task.evaluate(model, eval_data)
     metrics: MetricValues = {k: float(v) for k, v in result.items() if k != "num_examples"}

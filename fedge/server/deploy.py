@@ -17,9 +17,10 @@ from typing import Any
 from fedge.config import RunConfig
 from fedge.errors import ConfigError
 from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
-from fedge.server.app import CONFIG_KEY
+from fedge.server.app import CONFIG_KEY, prepare
 from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
+from fedge.server.preflight import prepare_out
 
 APP_PYPROJECT = """\
 [build-system]
@@ -126,6 +127,8 @@ def serve(
     `tls_dir` (from `fedge certs`) turns on TLS; `auth` admits only the SuperNodes whose
     public keys are in `tls_dir/clients`.
     """
+    prepare(cfg)  # every check that can run before the SuperLink starts
+    prepare_out(cfg)
     address = f"{host}:{port}"
     ca_cert = Path(tls_dir, "ca.crt") if tls_dir else None
     cfg_path, app_dir, flwr_home = write_run_files(cfg, address, ca_cert)
