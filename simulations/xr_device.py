@@ -29,6 +29,7 @@ from fedge.edge.device import Device, measured_latencies, xr_device
 from fedge.edge.scheduler import SCHEDULERS, load_scheduler
 from fedge.edge.xrbench import Scenario, scenario, with_fedge_models
 from fedge.server.app import run_server
+from fedge.server.preflight import prepare_out
 from fedge.simulation.scheduled import ScheduledGrid, SimulatedDevice
 
 TARGET_ACCURACY = 0.90
@@ -158,7 +159,9 @@ def part2(device: Device, rounds: int, window_ms: float) -> tuple[dict, list[str
             eval_fraction=0.0,
             seed=0,
             out=str(Path("runs") / f"xr_fed_{training}"),
+            overwrite=True,  # this script's own run folders
         )
+        prepare_out(cfg)
         grid = ScheduledGrid(client_app, devices, window_ms)
         history = run_server(grid, cfg)
         drops = [
