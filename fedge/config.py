@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
 from fedge.wire import CLIENT_DEFAULTS
 
 __all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
@@ -102,7 +102,10 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ConfigError(f"{key}: unknown field; known fields: {', '.join(known)}")
+                raise ConfigError(
+                    f"{key}: unknown field{did_you_mean(name, known)}; "
+                    f"known fields: {', '.join(known)}"
+                )
             kwargs[name] = _coerce(name, known[name].type, value)
         cfg = cls(**kwargs)
         cfg.validate()
