@@ -32,6 +32,8 @@ from fedge.server.app import run_server
 from fedge.simulation.scheduled import ScheduledGrid, SimulatedDevice
 from fedge.wire import NODE_MAX_TRAIN_STEPS, ClientSpec
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def one_unit(costs: dict[str, float], units: tuple[str, ...] = ("cpu",)) -> Device:
     """A device whose every unit runs every listed model at the given latency, 1 mJ/ms."""
@@ -224,21 +226,18 @@ class RecordingGrid(ScheduledGrid):
         return reply
 
 
-def test_the_budget_a_scheduler_grants_is_what_the_client_trains(tmp_path):
+def test_the_budget_a_scheduler_grants_is_what_the_client_trains(tmp_path, small_run):
     sc = Scenario("one", (ModelSpec("m", 10),))
     roomy = SimulatedDevice(sc, one_unit({"m": 30.0, TRAIN_STEP: 10.0}), "dream")
     full = SimulatedDevice(sc, one_unit({"m": 99.0, TRAIN_STEP: 10.0}), "dream")  # no slack
-    grid = RecordingGrid(client_app, [roomy, roomy, full], window_ms=200.0)
+    grid = RecordingGrid(client_app, [roomy, roomy, full], window_ms=150.0)
     grid.replies = []
-    cfg = RunConfig(
-        task="digits",
-        task_options={"source": "sklearn"},
+    cfg = small_run(
+        tmp_path / "run",
         num_clients=3,
-        rounds=2,
-        local_epochs=100,
+        local_epochs=100,  # the step budget, not the epochs, ends training
         batch_size=8,
-        eval_fraction=0.0,
-        out=str(tmp_path / "run"),
+        task_options={"model": "mlp", "source": "sklearn"},
     )
     run_server(grid, cfg)
     granted = {(e["round"], e["device"]): e["steps"] for e in grid.log}
