@@ -219,6 +219,12 @@ def test_the_node_step_budget_wins_and_reaches_the_training_loop():
 
 
 class RecordingGrid(ScheduledGrid):
+    """Keeps every train reply beside the partition that sent it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replies = []
+
     def deliver(self, message):
         reply = super().deliver(message)
         if message.metadata.message_type == MessageType.TRAIN:
@@ -231,7 +237,6 @@ def test_the_budget_a_scheduler_grants_is_what_the_client_trains(tmp_path, small
     roomy = SimulatedDevice(sc, one_unit({"m": 30.0, TRAIN_STEP: 10.0}), "dream")
     full = SimulatedDevice(sc, one_unit({"m": 99.0, TRAIN_STEP: 10.0}), "dream")  # no slack
     grid = RecordingGrid(client_app, [roomy, roomy, full], window_ms=150.0)
-    grid.replies = []
     cfg = small_run(
         tmp_path / "run",
         num_clients=3,
