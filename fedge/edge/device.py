@@ -26,6 +26,7 @@ import torch
 
 from fedge.edge.xrbench import XRBENCH_GMACS
 from fedge.errors import ConfigError
+from fedge.files import cache_dir
 
 TRAIN_STEP = "train_step"  # the cost-table entry of one local-training step
 
@@ -158,7 +159,8 @@ def train_step_workload(task_name: str, batch_size: int) -> Callable[[], object]
 
 
 def default_cache() -> Path:
-    return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge")) / "edge.json"
+    """Where measured latencies are kept between runs (fedge's cache folder)."""
+    return cache_dir("edge.json")
 
 
 @dataclass(frozen=True)
