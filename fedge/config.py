@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
 from fedge.wire import CLIENT_DEFAULTS
 
 __all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
@@ -52,6 +52,9 @@ class RunConfig:
     lr_decay: float = opt(CLIENT_DEFAULTS.lr_decay, "learning rate multiplier per round")
     max_train_seconds: float = opt(
         CLIENT_DEFAULTS.max_train_seconds, "per-round local training budget in seconds (0: none)"
+    )
+    max_train_steps: int = opt(
+        CLIENT_DEFAULTS.max_train_steps, "per-round local training budget in steps (0: none)"
     )
     eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
     round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
@@ -99,7 +102,10 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ConfigError(f"{key}: unknown field; known fields: {', '.join(known)}")
+                raise ConfigError(
+                    f"{key}: unknown field{did_you_mean(name, known)}; "
+                    f"known fields: {', '.join(known)}"
+                )
             kwargs[name] = _coerce(name, known[name].type, value)
         cfg = cls(**kwargs)
         cfg.validate()
@@ -137,6 +143,7 @@ class RunConfig:
         _check(
             self.max_train_seconds >= 0, "max_train_seconds", "must be >= 0", self.max_train_seconds
         )
+        _check(self.max_train_steps >= 0, "max_train_steps", "must be >= 0", self.max_train_steps)
         _check(
             0 <= self.eval_fraction <= 1, "eval_fraction", "must be in [0, 1]", self.eval_fraction
         )

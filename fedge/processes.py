@@ -51,6 +51,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming the port if something already listens on host:port (a second
+    server would otherwise fail in its log while clients reach the first)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise OSError(
+                f"port {port} on {host} is in use ({exc.strerror}); stop what listens there "
+                "or choose another --port"
+            ) from None
+
+
 def wait_for_port(
     host: str, port: int, timeout: float, proc: subprocess.Popen | None = None
 ) -> None:
@@ -67,7 +80,7 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the child gets SIGKILL when its parent dies, even by `kill -9`, so a killed
     `fedge server` leaves no SuperLink holding its port (PR_SET_PDEATHSIG = 1)."""
     if sys.platform.startswith("linux"):
@@ -86,7 +99,7 @@ def start(
             stderr=subprocess.STDOUT,
             env=tool_env(env),
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
 
 

@@ -16,7 +16,15 @@ from typing import Any
 
 from fedge.config import RunConfig
 from fedge.errors import ConfigError
-from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
+from fedge.processes import (
+    check_port_free,
+    die_with_parent,
+    flower_tool,
+    start,
+    stop,
+    tool_env,
+    wait_for_port,
+)
 from fedge.server.app import CONFIG_KEY, prepare
 from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
@@ -128,6 +136,7 @@ def serve(
     public keys are in `tls_dir/clients`.
     """
     prepare(cfg)  # every check that can run before the SuperLink starts
+    check_port_free(host, port)
     prepare_out(cfg)
     address = f"{host}:{port}"
     ca_cert = Path(tls_dir, "ca.crt") if tls_dir else None
@@ -178,6 +187,7 @@ def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path
             stderr=subprocess.STDOUT,
             text=True,
             env=tool_env(env),
+            preexec_fn=die_with_parent,  # `flwr run` must not outlive a killed `fedge server`
         ) as proc,
     ):
         assert proc.stdout is not None

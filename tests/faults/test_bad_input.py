@@ -93,6 +93,8 @@ def test_the_same_seed_gives_the_same_history(tmp_path, small_run, backend):
 
     try:
         first, second, other = run("a", 3), run("b", 3), run("c", 4)
+        if backend == "ray":  # fedge's own Ray listens on loopback only (no authentication)
+            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     finally:
         ray.shutdown()
     assert first == second
@@ -112,3 +114,16 @@ def test_a_client_without_evaluation_data_fails_its_evaluation_not_the_round():
     content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), CONFIG: ConfigRecord()})
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.EVALUATE)])
     assert reply.has_error() and "holds no evaluation data" in reply.error.reason
+
+
+def test_a_busy_port_is_an_error_before_anything_starts(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = tmp_path / "run"
+        assert main(["server", "--port", str(port), "--out", str(out)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    assert not out.exists()
