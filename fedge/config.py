@@ -53,6 +53,9 @@ class RunConfig:
     max_train_seconds: float = opt(
         CLIENT_DEFAULTS.max_train_seconds, "per-round local training budget in seconds (0: none)"
     )
+    max_train_steps: int = opt(
+        CLIENT_DEFAULTS.max_train_steps, "per-round local training budget in steps (0: none)"
+    )
     eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
     round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
     seed: int = opt(CLIENT_DEFAULTS.seed, "seed for model init, partitions and sampling")
@@ -140,6 +143,7 @@ class RunConfig:
         _check(
             self.max_train_seconds >= 0, "max_train_seconds", "must be >= 0", self.max_train_seconds
         )
+        _check(self.max_train_steps >= 0, "max_train_steps", "must be >= 0", self.max_train_steps)
         _check(
             0 <= self.eval_fraction <= 1, "eval_fraction", "must be in [0, 1]", self.eval_fraction
         )

@@ -129,6 +129,7 @@ def train_config(spec: ClientSpec, config: ConfigRecord, pid: int) -> TrainConfi
         lr=spec.round_lr(rnd),
         momentum=spec.momentum,
         max_seconds=spec.max_train_seconds,
+        max_steps=spec.max_train_steps,
         proximal_mu=number(config, PROXIMAL_MU, 0.0),
         seed=spec.seed * 1_000_003 + pid * 1009 + rnd,
     )
