@@ -19,6 +19,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -263,6 +264,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class KVCache(nn.Module):
     """Keys and values of one effective layer, written in place at the given positions."""
 
+    k: Tensor  # buffers, registered in __init__
+    v: Tensor
+
     def __init__(self, batch: int, n_kv_head: int, seq_len: int, head_dim: int, dtype) -> None:
         super().__init__()
         shape = (batch, n_kv_head, seq_len, head_dim)
@@ -303,6 +307,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
+            assert pos is not None, "a KV cache is read and written at given positions"
             k, v = cache.update(pos, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
@@ -342,6 +347,10 @@ class Transformer(nn.Module):
     """The decoder. `forward(idx)` trains on whole sequences; `forward(idx, pos)` decodes
     through the KV cache set up by `setup_caches`."""
 
+    rope_cos: Tensor  # buffers, registered in __init__ and setup_caches
+    rope_sin: Tensor
+    causal_mask: Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -364,7 +373,7 @@ class Transformer(nn.Module):
 
     def block(self, layer: int) -> Block:
         """The block that effective layer `layer` runs (immediate block-wise sharing)."""
-        return self.layers[layer // self.config.layer_repeat]
+        return cast(Block, self.layers[layer // self.config.layer_repeat])
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
         """Allocate a static KV cache: one slot per effective layer, `seq_len` positions."""
