@@ -168,8 +168,10 @@ def serve(
         raise ValueError(f"--table must be an existing .npy file, got {table_path!r}")
     try:
         table = np.load(path, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise ValueError(f"--table {path}: not a numpy .npy array ({exc})") from None
+    except (ValueError, OSError, EOFError):  # numpy's own advice (load pickles) does not apply
+        raise ValueError(
+            f"--table {path}: not a numpy .npy array; save the table with numpy.save"
+        ) from None
     handler = _Handler(table, party)  # the server keeps its layout
     warm_up()  # compile before announcing: a first query must not time out on compilation
     # no SO_REUSEPORT (gRPC's default): a second server on a busy port must fail, not share it

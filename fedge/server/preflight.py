@@ -46,7 +46,7 @@ def check_partitions(task: Task, cfg: RunConfig) -> None:
 
 def prepare_out(cfg: RunConfig) -> Path:
     """The run folder, made ready: resumed as it is, cleared if `overwrite`, else new or
-    empty. A folder holding another run is never touched otherwise."""
+    empty (the run makes it). A folder holding another run is never touched otherwise."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out: {out} is a file; name a folder for the run")
@@ -62,5 +62,4 @@ def prepare_out(cfg: RunConfig) -> Path:
         )
     for entry in held:
         shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
-    out.mkdir(parents=True, exist_ok=True)
     return out

@@ -39,6 +39,7 @@ from fedge.compat import (
     error_reply,
     set_message_id,
 )
+from fedge.errors import ConfigError
 from fedge.plugins import load_object
 from fedge.simulation.local_grid import (
     NODE_ID_BASE,
@@ -202,6 +203,14 @@ class RayGrid(VirtualGrid):
 
     def _fit_actors(self) -> int:
         resources = ray.cluster_resources()
+        for name, need in (("CPU", self.client_cpus), ("GPU", self.client_gpus)):
+            have = resources.get(name, 0)
+            if need > have:  # Ray would wait for such a worker forever
+                flag = f"--client-{name.lower()}s"
+                raise ConfigError(
+                    f"{flag.removeprefix('--').replace('-', '_')}: each client asks for {need:g} "
+                    f"{name}(s) but the Ray cluster has {have:g}; lower {flag} or add resources"
+                )
         fits = []
         if self.client_cpus > 0:
             fits.append(resources.get("CPU", 1) / self.client_cpus)
