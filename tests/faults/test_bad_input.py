@@ -95,6 +95,8 @@ def test_the_same_seed_gives_the_same_history(tmp_path, small_run, backend):
         first, second, other = run("a", 3), run("b", 3), run("c", 4)
         if backend == "ray":  # fedge's own Ray listens on loopback only (no authentication)
             assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+            with pytest.raises(ConfigError, match="client_gpus: each client asks for 1000"):
+                simulate(small_run(tmp_path / "gpus", backend="ray", client_gpus=1000))
     finally:
         ray.shutdown()
     assert first == second
