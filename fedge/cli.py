@@ -134,6 +134,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         tls_dir=args.tls,
         auth_key=args.auth_key,
+        isolation=args.isolation,
+        torch_threads=args.torch_threads,
     )
 
 
@@ -186,6 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     client.add_argument("--data-dir", help="local dataset folder (else the task's offline data)")
     client.add_argument("--tls", metavar="DIR", help="connect over TLS, trusting DIR/ca.crt")
     client.add_argument("--auth-key", help="this client's enrolled private key (server --auth)")
+    client.add_argument(
+        "--isolation",
+        default="runtime",
+        choices=("runtime", "subprocess"),
+        help="runtime: fedge's warm ClientApp process; subprocess: Flower's, one per message",
+    )
+    client.add_argument(
+        "--torch-threads", type=int, help="torch threads of the runtime [half the cores, <= 4]"
+    )
     client.set_defaults(func=cmd_client)
 
     certs = sub.add_parser("certs", help="make a CA, a server certificate and client keys")

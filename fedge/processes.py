@@ -62,10 +62,14 @@ def _die_with_parent() -> None:
 
 
 def start(
-    cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None
+    cmd: list[str],
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    output: int | None = subprocess.DEVNULL,
 ) -> subprocess.Popen:
-    """Start a child in its own process group (so stop() also ends its children)."""
-    out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - owned by the child
+    """Start a child in its own process group (so stop() also ends its children); its
+    output goes to `log`, else to `output` (None: this process's stdout; PIPE: a pipe)."""
+    out = open(log, "ab") if log else output  # noqa: SIM115 - owned by the child
     return subprocess.Popen(
         cmd,
         stdout=out,

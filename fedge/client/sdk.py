@@ -1,22 +1,29 @@
 """The edge-client SDK: what a device-side app imports.
 
 A device app needs its Task and one call: `join("HOST:PORT", MyTask, partition_id=0,
-num_partitions=3)`. That starts a Flower SuperNode for this device; for each round the
-SuperNode runs fedge's ClientApp, which builds the task by name (so the task's module must
-be importable here and on the server), trains under the device's time budget and reports
-device metrics. `PrivateEmbeddingClient` fetches embedding rows without revealing which.
+num_partitions=3)`. That starts a Flower SuperNode for this device and, by default, fedge's
+warm runtime beside it (`fedge.edge`: one long-lived ClientApp process, no fixed sleeps);
+`isolation="subprocess"` keeps Flower's stock SuperNode, one `flwr-clientapp` process per
+message. The ClientApp builds the task by name (so the task's module must be importable
+here and on the server), trains under the device's time budget and reports device
+metrics. `PrivateEmbeddingClient` fetches embedding rows without revealing which.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from typing import Any
 
+from fedge.edge.device import device_command
+from fedge.edge.runtime import default_torch_threads
 from fedge.processes import flower_tool, free_port, tool_env
 from fedge.tasks import Task, task_class
 
 __all__ = ["join", "supernode_command"]  # and PrivateEmbeddingClient, loaded lazily
+
+ISOLATIONS = ("runtime", "subprocess")  # fedge's warm runtime; Flower's process per message
 
 
 def task_spec(task: str | type[Task]) -> str:
@@ -45,13 +52,18 @@ def supernode_command(
     data_dir: str | None = None,
     tls_dir: str | None = None,
     auth_key: str | None = None,
+    isolation: str = "runtime",
+    runtime_port: int | None = None,
 ) -> list[str]:
-    """The `flower-supernode` command line for one device, with fedge's node config.
+    """The SuperNode command line for one device, with fedge's node config.
 
     `tls_dir`: a folder with the federation's `ca.crt` (from `fedge certs`): connect over
     TLS. `auth_key`: this device's enrolled private key (OpenSSH), for servers run with
-    `--auth`.
+    `--auth`. `isolation="runtime"`: fedge's SuperNode without fixed sleeps, serving its
+    Runtime API on 127.0.0.1:`runtime_port` to fedge's runtime; "subprocess": Flower's stock one.
     """
+    if isolation not in ISOLATIONS:
+        raise ValueError(f"--isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
@@ -83,15 +95,23 @@ def supernode_command(
         if not os.path.exists(auth_key):
             raise ValueError(f"--auth-key {auth_key}: no such file")
         security += ["--auth-supernode-private-key", os.path.abspath(auth_key)]
-    return [
-        flower_tool("flower-supernode"),
-        *security,
-        "--superlink",
-        server,
-        "--port",
-        str(free_port()),  # the node's local ClientApp API; one per device process
-        "--node-config",
-        " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items()),
+    local_port = str(runtime_port or free_port())  # the node's local Runtime API
+    if isolation == "runtime":
+        head = [sys.executable, "-m", "fedge.edge.supernode"]
+        local = ["--isolation", "process", "--host", "127.0.0.1", "--port", local_port]
+    else:
+        head, local = [flower_tool("flower-supernode")], ["--port", local_port]
+    config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+    return [*head, *security, "--superlink", server, *local, "--node-config", config]
+
+
+def runtime_command(port: int, torch_threads: int) -> list[str]:
+    """fedge's warm runtime for the SuperNode whose Runtime API is on 127.0.0.1:`port`."""
+    if torch_threads < 1:
+        raise ValueError(f"--torch-threads {torch_threads}: must be >= 1")
+    return [sys.executable, "-m", "fedge.edge.runtime", "--runtime-api", f"127.0.0.1:{port}"] + [
+        "--torch-threads",
+        str(torch_threads),
     ]
 
 
@@ -105,16 +125,40 @@ def join(
     block: bool = True,
     tls_dir: str | None = None,
     auth_key: str | None = None,
+    isolation: str = "runtime",
+    torch_threads: int | None = None,
 ) -> Any:
-    """Join the federation at `server`. Blocks until stopped, or returns the process."""
+    """Join the federation at `server`. Blocks until stopped (returning the exit status),
+    or with `block=False` returns the device's process. `torch_threads`: the runtime's
+    torch threads (default: half the cores, at most 4)."""
+    port = free_port()
     cmd = supernode_command(
-        server, task, partition_id, num_partitions, max_train_seconds, data_dir, tls_dir, auth_key
+        server,
+        task,
+        partition_id,
+        num_partitions,
+        max_train_seconds,
+        data_dir,
+        tls_dir,
+        auth_key,
+        isolation,
+        port,
     )
+    if isolation == "subprocess":
+        if not block:
+            return subprocess.Popen(cmd, start_new_session=True, env=tool_env())
+        print(f"fedge client: partition {partition_id}/{num_partitions} joining {server}")
+        sys.stdout.flush()
+        # the device process becomes the SuperNode, so signals reach it directly
+        os.execve(cmd[0], cmd, tool_env())
+    runtime = runtime_command(port, torch_threads or default_torch_threads())
+    ca_cert = os.path.join(tls_dir, "ca.crt") if tls_dir else None
+    device = device_command(server, cmd, runtime, ca_cert)
     if not block:
-        return subprocess.Popen(cmd, start_new_session=True, env=tool_env())
+        return subprocess.Popen(device, start_new_session=True, env=tool_env())
     print(f"fedge client: partition {partition_id}/{num_partitions} joining {server}", flush=True)
-    # the device process becomes the SuperNode, so signals reach it directly
-    os.execve(cmd[0], cmd, tool_env())
+    # become the light device process (no torch here: the runtime holds it), signals and all
+    os.execve(device[0], device, tool_env())
 
 
 def __getattr__(name: str) -> Any:

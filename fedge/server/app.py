@@ -35,6 +35,7 @@ from fedge.server.divergence import (
     weight_divergence,
 )
 from fedge.server.history import History, load_history, summarize_evaluate, summarize_train
+from fedge.server.polling import PromptGrid
 from fedge.server.validation import check_update
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import DP_WEIGHT, privacy_spent, with_dp
@@ -389,7 +390,7 @@ def build_server_app(cfg: RunConfig | None = None) -> ServerApp:
                     f"run config has no {CONFIG_KEY!r}: start runs with `fedge server`"
                 )
             run_cfg = RunConfig.from_mapping(json.loads(Path(str(path)).read_text()))
-        run_server(grid, run_cfg)
+        run_server(PromptGrid(grid), run_cfg)  # no fixed 3 s between pulls
 
     return server_app
 

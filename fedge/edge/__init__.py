@@ -1,0 +1,1 @@
+"""What runs on or for a device: the warm ClientApp runtime beside a Flower SuperNode."""
