@@ -14,22 +14,27 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from fedge.edge.device import device_command
-from fedge.edge.runtime import default_torch_threads
+from fedge.edge.device import default_torch_threads, device_command
 from fedge.processes import flower_tool, free_port, tool_env
-from fedge.tasks import Task, task_class
+
+if TYPE_CHECKING:  # this module stays light: `fedge client` must not wait for torch
+    from fedge.tasks import Task
 
 __all__ = ["join", "supernode_command"]  # and PrivateEmbeddingClient, loaded lazily
 
 ISOLATIONS = ("runtime", "subprocess")  # fedge's warm runtime; Flower's process per message
 
 
-def task_spec(task: str | type[Task]) -> str:
-    """A registered name or `module:Class` for a Task class, checked to resolve here."""
+def task_spec(task: str | type[Task], check: bool = True) -> str:
+    """A registered name or `module:Class` for a Task class, checked to resolve here
+    (unless `check` is False: fedge's runtime checks it as it starts, torch loaded)."""
     spec = task if isinstance(task, str) else f"{task.__module__}:{task.__qualname__}"
-    task_class(spec)
+    if check:
+        from fedge.tasks import task_class
+
+        task_class(spec)
     return spec
 
 
@@ -76,7 +81,7 @@ def supernode_command(
     node_config: dict[str, Any] = {
         "partition-id": partition_id,
         "num-partitions": num_partitions,
-        "task": task_spec(task),
+        "task": task_spec(task, check=isolation == "subprocess"),
     }
     if max_train_seconds:
         node_config["max-train-seconds"] = float(max_train_seconds)
@@ -105,14 +110,12 @@ def supernode_command(
     return [*head, *security, "--superlink", server, *local, "--node-config", config]
 
 
-def runtime_command(port: int, torch_threads: int) -> list[str]:
+def runtime_command(port: int, torch_threads: int, task: str) -> list[str]:
     """fedge's warm runtime for the SuperNode whose Runtime API is on 127.0.0.1:`port`."""
     if torch_threads < 1:
         raise ValueError(f"--torch-threads {torch_threads}: must be >= 1")
-    return [sys.executable, "-m", "fedge.edge.runtime", "--runtime-api", f"127.0.0.1:{port}"] + [
-        "--torch-threads",
-        str(torch_threads),
-    ]
+    cmd = [sys.executable, "-m", "fedge.edge.runtime", "--runtime-api", f"127.0.0.1:{port}"]
+    return cmd + ["--torch-threads", str(torch_threads), "--task", task]
 
 
 def join(
@@ -151,7 +154,8 @@ def join(
         sys.stdout.flush()
         # the device process becomes the SuperNode, so signals reach it directly
         os.execve(cmd[0], cmd, tool_env())
-    runtime = runtime_command(port, torch_threads or default_torch_threads())
+    spec = task_spec(task, check=False)
+    runtime = runtime_command(port, torch_threads or default_torch_threads(), spec)
     ca_cert = os.path.join(tls_dir, "ca.crt") if tls_dir else None
     device = device_command(server, cmd, runtime, ca_cert)
     if not block:

@@ -10,6 +10,7 @@ status). Both children die with it even on `kill -9` (see `fedge.processes.start
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -24,6 +25,12 @@ from types import FrameType
 from fedge.processes import start, stop
 
 REFUSED = "Failed to activate SuperNode"  # what Flower's SuperNode says when refused
+FATAL = 2  # a runtime exiting with this status cannot work (say, an unknown task): no restart
+
+
+def default_torch_threads() -> int:
+    """Half the cores, at most 4, at least 1: devices sharing a machine do not fight."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def say(text: str) -> None:
@@ -106,6 +113,9 @@ def run_device(
             if supernode.poll() is not None:
                 say(f"the SuperNode exited with status {supernode.returncode}")
                 return supernode.returncode
+            if runtime.poll() == FATAL:
+                say("the runtime cannot start (see above); stopping")
+                return FATAL
             if runtime.poll() is not None:
                 say(f"the runtime (pid {runtime.pid}) exited with status {runtime.returncode};")
                 runtime = start(runtime_cmd, output=None)

@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from fedge import compat
+from fedge.edge.device import FATAL, default_torch_threads
 from fedge.edge.poll import Backoff
 
 TOKEN_ENV, RUN_ENV = "FEDGE_RUNTIME_TOKEN", "FEDGE_RUNTIME_RUN"  # a claimed task, across exec
 INFLIGHT = "inflight"  # in --state-dir: the token and the message being handled
-
-
-def default_torch_threads() -> int:
-    """Half the cores, at most 4, at least 1: devices sharing a machine do not fight."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
 
 
 def say(text: str) -> None:
@@ -85,13 +81,17 @@ class Runtime:
         self.run_id = run_id
         task = compat.RuntimeTask(self.address, token)
         message = context = reply = None
-        details = ""
+        details, started = "", time.perf_counter()
         try:
             message, context, run, fab = task.pull()
             self.inflight.write_bytes(token.encode() + b"\n" + compat.message_bytes(message))
             app = self.apps.get(fab.hash_str)
             if app is None:
                 app = self.apps[fab.hash_str] = compat.load_client_app(fab, run)
+                say(
+                    f"run {run_id}: loaded its ClientApp ({fab.hash_str[:12]}) in pid {os.getpid()}"
+                )
+            started = time.perf_counter()
             reply = app(message=message, context=context)
         except Exception as exc:  # noqa: BLE001 - any ClientApp failure becomes an error reply
             details = f"{type(exc).__name__}: {exc}"
@@ -104,6 +104,10 @@ class Runtime:
             say(f"could not hand the reply of run {run_id} to the SuperNode: {exc}")
         self.inflight.unlink(missing_ok=True)
         self.handled += 1
+        if message is not None:
+            kind, took = message.metadata.message_type, time.perf_counter() - started
+            outcome = f"failed ({details})" if details else f"answered in {took:.2f} s"
+            say(f"run {run_id}: {kind} message {outcome}; pid {os.getpid()} handled {self.handled}")
 
     def recover(self) -> None:
         """Answer the message a killed predecessor was handling, with an error reply."""
@@ -127,6 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runtime-api", required=True, metavar="HOST:PORT")
     parser.add_argument("--state-dir", required=True, type=Path)
     parser.add_argument("--torch-threads", type=int, default=default_torch_threads())
+    parser.add_argument("--task", required=True, help="the task this device was started for")
     args = parser.parse_args(argv)
     if args.torch_threads < 1:
         parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
@@ -136,6 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(args.torch_threads)
     import fedge.client.app  # noqa: F401 - warm: fedge's ClientApp and all it imports
+    from fedge.tasks import task_class
+
+    try:
+        task_class(args.task)
+    except (ValueError, ImportError) as exc:
+        say(f"error: {exc}")
+        return FATAL
 
     compat.patch_object_pulls("flwr.supernode.runtime.run_clientapp")
     args.state_dir.mkdir(parents=True, exist_ok=True)
