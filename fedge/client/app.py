@@ -162,12 +162,24 @@ def outgoing_arrays(
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
+def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, float]:
+    """How long the instruction took to reach the ClientApp after the server made it
+    (`wait_seconds`; one clock on one machine, else clock skew counts), and how long the
+    ClientApp took from then to its first compute (`first_compute_seconds`: task, data and
+    model ready)."""
+    return {
+        "wait_seconds": max(0.0, entered - msg.metadata.created_at),
+        "first_compute_seconds": loaded - entered,
+    }
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the local partition and reply with weights and device metrics."""
+    entered = time.time()
     config = msg.content["config"]
     spec = RunSpec.from_config(config, context.node_config)
     task, train_data, _ = client_data(spec, context.node_config)
@@ -177,7 +189,7 @@ def train(msg: Message, context: Context) -> Message:
     algorithm = client_algorithm(str(config.get("algorithm", "")))
     if algorithm:
         algorithm.prepare(model, msg.content, context.state, cfg)
-    started = time.perf_counter()
+    loaded, started = time.time(), time.perf_counter()
     report = task.train(model, train_data, cfg)
     extra_arrays, extra_metrics = (
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
@@ -190,6 +202,7 @@ def train(msg: Message, context: Context) -> Message:
             "num-examples": len(train_data),
             "train_loss": report.loss,
             "train_seconds": time.perf_counter() - started,
+            **arrival_metrics(msg, entered, loaded),
             "peak_rss_mb": peak_rss_mb(),
             "examples_seen": report.num_examples,
             "steps": report.steps,
@@ -208,13 +221,17 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
+    entered = time.time()
     config = msg.content["config"]
     spec = RunSpec.from_config(config, context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
     model = model_from(
         task, msg.content["arrays"], resolve_device(str(config.get("device", "cpu")))
     )
+    loaded, started = time.time(), time.perf_counter()
     result = task.evaluate(model, eval_data)
     metrics = {k: float(v) for k, v in result.items() if k != "num_examples"}
     metrics["num-examples"] = len(eval_data)
+    metrics["eval_seconds"] = time.perf_counter() - started
+    metrics.update(arrival_metrics(msg, entered, loaded))
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -79,6 +79,26 @@ def summarize_train(replies: Iterable[Message]) -> dict[str, Any]:
         update_bytes_mean=sum(r.get("update_bytes", 0) for r in rows) / len(rows),
         stopped_early=int(sum(r.get("stopped_early", 0) for r in rows)),
     )
+    out.update(device_times(replies))
+    return out
+
+
+DEVICE_TIMES = ("wait_seconds", "first_compute_seconds", "upload_seconds")
+
+
+def device_times(replies: list[Message]) -> dict[str, Any]:
+    """Where a device's time went (means and maxima of `DEVICE_TIMES`), and
+    `device_seconds_max` with its `slowest_node`: the device that held the round up."""
+    ok = [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
+    rows = [(m.metadata.src_node_id, m.content.metric_records["metrics"]) for m in ok]
+    out: dict[str, Any] = {}
+    for key in DEVICE_TIMES:
+        values = [float(r[key]) for _, r in rows if key in r]
+        if values:
+            out[f"{key}_mean"], out[f"{key}_max"] = sum(values) / len(values), max(values)
+    timed = [(float(r["device_seconds"]), node) for node, r in rows if "device_seconds" in r]
+    if timed:
+        out["device_seconds_max"], out["slowest_node"] = max(timed)
     return out
 
 

@@ -4,7 +4,8 @@ Flower's `HttpGrid.send_and_receive` (the Grid of a ServerApp under a SuperLink)
 between pulls, and waits 1 s (then 2 s, ...) for a reply whose objects are still being
 uploaded. `PromptGrid` pushes and pulls through the wrapped grid's public methods, waits
 10 ms after a pull that brought a reply, growing to 100 ms while none comes, and has
-Flower retry a missing object after 5 ms (`fedge.compat.patch_object_pulls`).
+Flower retry a missing object after 5 ms (`fedge.compat.patch_object_pulls`). It stamps
+each reply with its delivery times (`stamp_delivery`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,19 @@ from flwr.serverapp import Grid
 
 from fedge import compat
 from fedge.edge.poll import Backoff
+
+
+def stamp_delivery(reply: Message, sent_at: float | None) -> None:
+    """Add to a reply's metrics, as it arrives: `upload_seconds` (from the reply's making
+    on the device to its arrival here) and `device_seconds` (from the instruction's making
+    here to its reply's arrival: what this device added to the round)."""
+    if reply.has_error() or "metrics" not in reply.content.metric_records:
+        return
+    now = time.time()
+    metrics = reply.content.metric_records["metrics"]
+    metrics["upload_seconds"] = max(0.0, now - reply.metadata.created_at)
+    if sent_at is not None:
+        metrics["device_seconds"] = now - sent_at
 
 
 class PromptGrid(Grid):
@@ -50,11 +64,15 @@ class PromptGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        messages = list(messages)
+        made = {m.metadata.dst_node_id: m.metadata.created_at for m in messages}
         waiting = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
         poll, replies = Backoff(self.low, self.high), []
         while waiting:
             got = list(self.pull_messages(waiting))
+            for reply in got:
+                stamp_delivery(reply, made.get(reply.metadata.src_node_id))
             replies += got
             waiting -= {m.metadata.reply_to_message_id for m in got}
             if not waiting or (deadline is not None and time.monotonic() >= deadline):
