@@ -180,12 +180,14 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="start one client process that joins a server")
     client.add_argument("--server", required=True, metavar="HOST:PORT")
     client.add_argument("--task", default="digits", help="the server's task [digits]")
-    client.add_argument("--partition-id", type=int, required=True)
-    client.add_argument("--num-partitions", type=int, required=True)
+    client.add_argument("--partition-id", type=int, help="a simulated share (experiments)")
+    client.add_argument("--num-partitions", type=int, help="with --partition-id")
     client.add_argument(
         "--max-train-seconds", type=float, default=0.0, help="round budget [0: none]"
     )
-    client.add_argument("--data-dir", help="local dataset folder (else the task's offline data)")
+    client.add_argument(
+        "--data-dir", help="the device's own data, in the task's format (no partition flags)"
+    )
     client.add_argument("--tls", metavar="DIR", help="connect over TLS, trusting DIR/ca.crt")
     client.add_argument("--auth-key", help="this client's enrolled private key (server --auth)")
     client.add_argument(

@@ -45,6 +45,7 @@ __all__ = [
     "message_from_bytes",
     "patch_object_pulls",
     "patch_supernode_sleeps",
+    "report_refused_nodes",
     "runtime_client",
     "self_test",
 ]
@@ -246,6 +247,41 @@ def patch_object_pulls(module: str, initial: float = 0.005, cap: float = 0.1) ->
     setattr(importlib.import_module(module), name, functools.partial(pull, backoff_cap=cap))
 
 
+def report_refused_nodes(report: Callable[[str], None]) -> None:
+    """In this SuperLink process, call `report(why)` whenever a SuperNode is refused at
+    activation (with SuperNode authentication on: its key is not enrolled). Flower says so
+    only to the SuperNode. Call before `flower_superlink()`."""
+    import hashlib
+
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.superlink.servicer.fleet import fleet_handlers
+
+    activate = fleet_handlers.activate_node
+
+    def activate_node(request: Any, state: Any) -> Any:
+        try:
+            return activate(request=request, state=state)
+        except FlowerError as exc:
+            if exc.code == ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED:
+                key = hashlib.sha256(bytes(request.public_key)).hexdigest()[:16]
+                report(f"refused a device whose key is not enrolled (key sha256 {key}...)")
+            raise
+
+    fleet_handlers.activate_node = activate_node
+
+
+def _check_refusal_hook() -> None:
+    """The SuperLink's router still activates nodes through the handler fedge wraps."""
+    from flwr.supercore.error import ApiErrorCode, FlowerError
+    from flwr.superlink.routers.fleet import router
+
+    source = Path(inspect.getsourcefile(router) or "").read_text()
+    if "fleet_handlers.activate_node(" not in source:
+        raise RuntimeError("the SuperLink no longer activates nodes via fleet_handlers")
+    if not hasattr(FlowerError(ApiErrorCode.FLEET_NODE_ACTIVATION_FAILED, "m"), "code"):
+        raise RuntimeError("FlowerError lost its code")
+
+
 def _check_object_pulls() -> None:
     """Each puller still pulls through the name, with the backoff parameters, fedge patches."""
     import importlib
@@ -308,6 +344,7 @@ def self_test() -> None:
     try:
         _check_supernode_sleeps()
         _check_object_pulls()
+        _check_refusal_hook()
         _check_runtime_api()
         claim_server_identity(run_id=7)
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")

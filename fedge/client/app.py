@@ -2,7 +2,10 @@
 
 The server sends, with each instruction, the run's spec (task, partition scheme, local
 hyper-parameters) in the ConfigRecord; the node's own `node_config` says which partition
-it holds and may override the device's budget (`max-train-seconds`) and data folder.
+it holds and may override the device's budget (`max-train-seconds`) and data folder. A
+node without a partition owns its data: it trains on all of its `data-dir` (the task's
+real format), evaluates on that folder's test split, and reports its label counts (never
+samples) so the server measures its label skew.
 The same app runs in a real SuperNode, in Flower's simulation and in fedge's grids.
 """
 
@@ -31,6 +34,8 @@ from fedge.strategies.dp import DP_WEIGHT, KEY_CLIPPING_NORM, clip_update
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
+
+LABEL_COUNTS = "label_counts"  # metric: a device's examples per label, index = label
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,11 @@ def client_federation(spec: RunSpec, num_partitions: int) -> Federation:
     )
 
 
+def owns_data(node_config: dict[str, Any]) -> bool:
+    """A node started with its own data and no simulated partition."""
+    return "partition-id" not in node_config
+
+
 def client_indices(spec: RunSpec, node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """This node's (train, eval) indices into the task's pool; train includes its share of G."""
     pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
@@ -98,6 +108,10 @@ def client_indices(spec: RunSpec, node_config: dict[str, Any]) -> tuple[np.ndarr
 def client_data(spec: RunSpec, node_config: dict[str, Any]) -> tuple[Task, Dataset, Dataset]:
     """The task plus this node's local train and evaluation splits."""
     task = load_task(spec)
+    if owns_data(node_config):
+        if not spec.data_dir:
+            raise ValueError("this device has no partition and no data-dir: start it with one")
+        return task, task.train_dataset(), task.test_dataset()
     train_idx, eval_idx = client_indices(spec, node_config)
     return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
 
@@ -137,9 +151,12 @@ def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) ->
 
 
 def client_fault(config: ConfigRecord, node_config: dict[str, Any]) -> Fault | None:
-    """The fault this node simulates: its own `fault` node config, else the run's `faults`."""
+    """The fault this node simulates: its own `fault` node config, else the run's `faults`
+    (which name partitions: a device that owns its data has none)."""
     if node_config.get("fault"):
         return parse_fault(str(node_config["fault"]))
+    if owns_data(node_config):
+        return None
     return fault_for(
         str(config.get("faults", "")),
         int(node_config["partition-id"]),
@@ -160,6 +177,16 @@ def outgoing_arrays(
     if KEY_CLIPPING_NORM in config:
         state = clip_update(state, global_state, float(config[KEY_CLIPPING_NORM]))
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
+
+
+def label_skew_metrics(task: Task, spec: RunSpec, node_config: dict[str, Any]) -> dict[str, Any]:
+    """A partition's `emd` against the whole pool; a device's own data: its `label_counts`
+    (the server, holding the reference distribution, computes the EMD)."""
+    labels = task.train_labels()
+    if owns_data(node_config):
+        return {LABEL_COUNTS: np.bincount(labels).astype(int).tolist()}
+    train_idx, _ = client_indices(spec, node_config)
+    return {"emd": float(client_emds(labels, [train_idx])[0])}
 
 
 def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, float]:
@@ -185,7 +212,10 @@ def train(msg: Message, context: Context) -> Message:
     task, train_data, _ = client_data(spec, context.node_config)
     device = resolve_device(str(config.get("device", "cpu")))
     model = model_from(task, msg.content["arrays"], device)
-    cfg = train_config(config, context.node_config, int(context.node_config["partition-id"]))
+    seat = (
+        context.node_id if owns_data(context.node_config) else context.node_config["partition-id"]
+    )
+    cfg = train_config(config, context.node_config, int(seat))
     algorithm = client_algorithm(str(config.get("algorithm", "")))
     if algorithm:
         algorithm.prepare(model, msg.content, context.state, cfg)
@@ -196,7 +226,6 @@ def train(msg: Message, context: Context) -> Message:
     )
     fault = client_fault(config, context.node_config)
     arrays = outgoing_arrays(model, msg.content["arrays"], config, fault)
-    train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {
             "num-examples": len(train_data),
@@ -208,7 +237,7 @@ def train(msg: Message, context: Context) -> Message:
             "steps": report.steps,
             "stopped_early": int(report.stopped_early),
             "update_bytes": sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
-            "emd": float(client_emds(task.train_labels(), [train_idx])[0]),
+            **label_skew_metrics(task, spec, context.node_config),
             **extra_metrics,
         }
     )

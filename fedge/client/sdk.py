@@ -1,8 +1,10 @@
 """The edge-client SDK: what a device-side app imports.
 
-A device app needs its Task and one call: `join("HOST:PORT", MyTask, partition_id=0,
-num_partitions=3)`. That starts a Flower SuperNode for this device and, by default, fedge's
-warm runtime beside it (`fedge.edge`: one long-lived ClientApp process, no fixed sleeps);
+A device app needs its Task and one call: `join("HOST:PORT", MyTask, data_dir=DIR)` (the
+device's own data, in the task's format) or, for experiments, `join("HOST:PORT", MyTask,
+partition_id=0, num_partitions=3)` (a simulated share of the task's data). That starts a
+Flower SuperNode for this device and, by default, fedge's warm runtime beside it
+(`fedge.edge`: one long-lived ClientApp process, no fixed sleeps);
 `isolation="subprocess"` keeps Flower's stock SuperNode, one `flwr-clientapp` process per
 message. The ClientApp builds the task by name (so the task's module must be importable
 here and on the server), trains under the device's time budget and reports device
@@ -51,8 +53,8 @@ def _toml_value(value: Any) -> str:
 def supernode_command(
     server: str,
     task: str | type[Task],
-    partition_id: int,
-    num_partitions: int,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
     max_train_seconds: float = 0.0,
     data_dir: str | None = None,
     tls_dir: str | None = None,
@@ -72,17 +74,23 @@ def supernode_command(
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
-    if not 0 <= partition_id < num_partitions:
+    if (partition_id is None) != (num_partitions is None):
+        raise ValueError("--partition-id and --num-partitions go together")
+    if partition_id is None and not data_dir:
+        raise ValueError(
+            "give --data-dir DIR (the device's own data) or --partition-id I --num-partitions N"
+        )
+    if num_partitions is not None and not 0 <= partition_id < num_partitions:  # type: ignore[operator]
         raise ValueError(
             f"--partition-id {partition_id}: must be in 0..{num_partitions - 1} (--num-partitions)"
         )
+    if data_dir and not os.path.isdir(data_dir):
+        raise ValueError(f"--data-dir {data_dir}: no such folder")
     if max_train_seconds < 0:
         raise ValueError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
-    node_config: dict[str, Any] = {
-        "partition-id": partition_id,
-        "num-partitions": num_partitions,
-        "task": task_spec(task, check=isolation == "subprocess"),
-    }
+    node_config: dict[str, Any] = {"task": task_spec(task, check=isolation == "subprocess")}
+    if num_partitions is not None:
+        node_config.update({"partition-id": partition_id, "num-partitions": num_partitions})
     if max_train_seconds:
         node_config["max-train-seconds"] = float(max_train_seconds)
     if data_dir:
@@ -118,11 +126,18 @@ def runtime_command(port: int, torch_threads: int, task: str) -> list[str]:
     return cmd + ["--torch-threads", str(torch_threads), "--task", task]
 
 
+def seat(partition_id: int | None, num_partitions: int | None, data_dir: str | None) -> str:
+    """What this device trains on, in words."""
+    if num_partitions is None:
+        return f"its own data in {data_dir}"
+    return f"partition {partition_id}/{num_partitions}"
+
+
 def join(
     server: str,
     task: str | type[Task],
-    partition_id: int,
-    num_partitions: int,
+    partition_id: int | None = None,
+    num_partitions: int | None = None,
     max_train_seconds: float = 0.0,
     data_dir: str | None = None,
     block: bool = True,
@@ -150,7 +165,7 @@ def join(
     if isolation == "subprocess":
         if not block:
             return subprocess.Popen(cmd, start_new_session=True, env=tool_env())
-        print(f"fedge client: partition {partition_id}/{num_partitions} joining {server}")
+        print(f"fedge client: {seat(partition_id, num_partitions, data_dir)} joining {server}")
         sys.stdout.flush()
         # the device process becomes the SuperNode, so signals reach it directly
         os.execve(cmd[0], cmd, tool_env())
@@ -160,7 +175,8 @@ def join(
     device = device_command(server, cmd, runtime, ca_cert)
     if not block:
         return subprocess.Popen(device, start_new_session=True, env=tool_env())
-    print(f"fedge client: partition {partition_id}/{num_partitions} joining {server}", flush=True)
+    print(f"fedge client: {seat(partition_id, num_partitions, data_dir)} joining {server}")
+    sys.stdout.flush()
     # become the light device process (no torch here: the runtime holds it), signals and all
     os.execve(device[0], device, tool_env())
 

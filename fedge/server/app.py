@@ -325,6 +325,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         f"{cfg.sampled_per_round}/{cfg.num_clients} clients a round, {cfg.rounds} rounds -> {out}"
     )
     clock = {"t": time.perf_counter()}
+    reference = np.bincount(task.train_labels()) / len(task.train_labels())  # devices' EMD
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Centralized evaluation, and the end-of-round bookkeeping Flower calls us for."""
@@ -342,7 +343,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         train["failures"] += unanswered  # a node that never answered failed too
         if unanswered:
             train["failure_reasons"].append(f"{unanswered} node(s) never answered")
-        record = {"round": server_round, **metrics, **train, **label_skew(replies)}
+        record = {"round": server_round, **metrics, **train, **label_skew(replies, reference)}
         record["rejected"] = observer.take_rejected()
         record.update(observer.take_drift())
         record.update(privacy_spent(strategy))

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
 from fedge.server.app import CONFIG_KEY
 from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
+from fedge.server.superlink import REFUSAL
 
 APP_PYPROJECT = """\
 [build-system]
@@ -82,7 +85,8 @@ def superlink_command(
     Its state lives in `database`, so a SuperLink restarted by `--resume` still knows the
     SuperNodes (which would otherwise be refused and exit) and the enrolled keys.
     """
-    cmd = [flower_tool("flower-superlink"), "--disable-runtime-dependency-installation"]
+    cmd = [sys.executable, "-m", "fedge.server.superlink"]  # Flower's, reporting refusals
+    cmd.append("--disable-runtime-dependency-installation")
     cmd += ["--database", str(database)]
     if tls_dir:
         files = tls_files(tls_dir)
@@ -133,6 +137,8 @@ def serve(
     (out / "state").mkdir(exist_ok=True)
     env = {"FLWR_HOME": str(flwr_home)}
     superlink = start(cmd, log=out / "superlink.log", env=env)
+    done = threading.Event()
+    threading.Thread(target=echo_refusals, args=(out / "superlink.log", done), daemon=True).start()
     try:
         wait_for_port(host, port, timeout=60, proc=superlink)
         secure = f" --tls {tls_dir}" if tls_dir else ""
@@ -146,6 +152,7 @@ def serve(
         )
         run_flower_app(app_dir, cfg_path, env, out / "server.log")
     finally:
+        done.set()
         stop(superlink)
     history = load_history(out)
     if len(history) < cfg.rounds:
@@ -153,6 +160,18 @@ def serve(
             f"the run stopped after {len(history)} of {cfg.rounds} rounds; see {out}/server.log"
         )
     return history
+
+
+def echo_refusals(log: Path, done: threading.Event) -> None:
+    """Print the SuperLink's refusals of devices (see `fedge.server.superlink`) as they come."""
+    with open(log, errors="replace") as f:
+        f.seek(0, 2)  # a resumed run's log holds the last run's lines
+        while not done.is_set():
+            line = f.readline()
+            if not line:
+                done.wait(0.2)
+            elif line.startswith(REFUSAL):
+                print(line, end="", flush=True)
 
 
 def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path) -> None:

@@ -27,7 +27,8 @@ from flwr.app import Message
 from torch import nn
 from torch.utils.data import Dataset
 
-from fedge.data.stats import emd_summary
+from fedge.client.app import LABEL_COUNTS
+from fedge.data.stats import emd, emd_summary
 from fedge.tasks import Task, TrainConfig
 
 NUM_EXAMPLES = "num-examples"
@@ -76,11 +77,28 @@ def weight_divergence(fedavg: Mapping[str, object], sgd: Mapping[str, object]) -
     return {"divergence": relative_distance(fa, fs), "divergence_layers": per_layer}
 
 
-def label_skew(replies: Iterable[Message]) -> dict[str, float]:
-    """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied."""
-    rows = [m.content["metrics"] for m in _ok(replies)]
-    rows = [r for r in rows if "emd" in r]
-    return emd_summary([float(r["emd"]) for r in rows], [float(r[NUM_EXAMPLES]) for r in rows])
+def label_skew(replies: Iterable[Message], reference: np.ndarray | None = None) -> dict[str, float]:
+    """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied. A client that
+    reported its label counts instead of an EMD is measured against `reference` (the label
+    distribution of the server's data)."""
+    emds, sizes = [], []
+    for reply in _ok(replies):
+        r = reply.content["metrics"]
+        if "emd" in r:
+            emds.append(float(r["emd"]))
+        elif LABEL_COUNTS in r and reference is not None:
+            emds.append(counts_emd(np.asarray(r[LABEL_COUNTS], float), reference))
+        else:
+            continue
+        sizes.append(float(r[NUM_EXAMPLES]))
+    return emd_summary(emds, sizes)
+
+
+def counts_emd(counts: np.ndarray, reference: np.ndarray) -> float:
+    """Zhao's EMD of label counts against a reference distribution (shorter one padded)."""
+    size = max(len(counts), len(reference))
+    p_k = np.pad(counts, (0, size - len(counts))) / max(counts.sum(), 1.0)
+    return emd(p_k, np.pad(reference, (0, size - len(reference))))
 
 
 def client_drift(drift: Sequence[float], num_examples: Sequence[float]) -> dict[str, float]:
