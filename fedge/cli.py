@@ -1,7 +1,9 @@
 """The `fedge` command: run (simulation), server, client, certs, pir-server.
 
 Every RunConfig field is a flag (`--num-clients`, `--lr`, ...); `--config FILE.toml` sets
-any of them and flags win. A bad value exits with status 2 and one line naming the field.
+any of them and flags win. Bad input (`ConfigError`, a missing file, a timeout) exits with
+status 2 and one line naming what was wrong; anything else is a bug and keeps its traceback.
+`fedge --debug ...` shows the traceback of bad input too.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
 
-# RunConfig fields that make no sense for `fedge server` (they configure simulation)
-SERVER_ONLY = {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
+# RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
+SIMULATION_ONLY = frozenset(
+    {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
+)
 NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
-def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset()) -> None:
+def add_run_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozenset()) -> None:
     """One flag per RunConfig field (dict fields take repeatable key=value options)."""
     parser.add_argument("--config", help="TOML file with any of the fields below; flags win")
     parser.add_argument(
@@ -49,7 +53,7 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: set[str] = frozenset())
             )
 
 
-def config_from_args(args: argparse.Namespace, skip: set[str] = frozenset()) -> RunConfig:
+def config_from_args(args: argparse.Namespace, skip: frozenset[str] = frozenset()) -> RunConfig:
     """Merge TOML and flags into one checked RunConfig."""
     flags: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
@@ -115,7 +119,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     if args.min_clients is not None:
         args.num_clients = args.min_clients
-    cfg = config_from_args(args, skip=SERVER_ONLY)
+    cfg = config_from_args(args, skip=SIMULATION_ONLY)
     history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
@@ -152,7 +156,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_pir_server(args: argparse.Namespace) -> int:
     from fedge.privacy.service import serve
 
-    serve(args.table, party=args.party, host=args.host, port=args.port)
+    try:  # fedge.privacy stands alone: its bad-input errors are plain ValueErrors
+        serve(args.table, party=args.party, host=args.host, port=args.port)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
     return 0
 
 
@@ -160,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge", description="Federated learning for edge devices, built on Flower."
     )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="simulate a federated run in one process tree")
@@ -167,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
 
     server = sub.add_parser("server", help="start a Flower SuperLink and run the federation")
-    add_run_flags(server, skip=SERVER_ONLY)
+    add_run_flags(server, skip=SIMULATION_ONLY)
     server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
     server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
     server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")
@@ -224,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError, TimeoutError) as exc:
+    except (ConfigError, OSError, TimeoutError) as exc:
+        if args.debug:
+            raise
         print(f"fedge {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

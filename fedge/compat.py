@@ -1,44 +1,63 @@
-"""Every touch of Flower internals fedge needs, in one place.
+"""Every touch of Flower internals fedge needs, in one place, each covered by `self_test()`.
 
-fedge's own Grids run Flower's ServerApp code without a SuperLink, so they must do two
-things Flower's SuperLink does and does not expose publicly: give the server process a
-task identity (run id, the SuperLink's node id) so that `Message(...)` can be built, and
-stamp each instruction with a message id.
+fedge's own Grids run Flower's ServerApp code without a SuperLink, so they must do what
+Flower's SuperLink does and does not expose publicly: give the server process a task
+identity (run id, the SuperLink's node id) so that `Message(...)` can be built, and stamp
+each instruction with a message id. fedge's strategies use Flower's weighted aggregation of
+ArrayRecords (SCAFFOLD), its RDP accountant and the config key its client-side DP wrapper
+sends (differential privacy).
 
 fedge's edge runtime (`fedge.edge`) is a long-lived ClientApp process beside a SuperNode
 started with `--isolation process`. It speaks the SuperNode's Runtime API the way
 Flower's SuperExec and `flwr-clientapp` do (acquire a task, pull its input, push the
-reply and the task's output), with Flower's own client and functions, and it removes the
-SuperNode's fixed sleeps (3 s when no message came, 0.5 s while waiting for a reply).
+reply and the task's output), with Flower's own client and functions; it removes the
+SuperNode's fixed sleeps (3 s when no message came, 0.5 s while waiting for a reply) and
+Flower's 1 s first retry of an object not uploaded yet; the SuperLink reports the devices
+it refuses.
 
-`self_test()` checks all of it against the installed Flower; a Flower upgrade that moves
-any of it breaks here, loudly, and nowhere else.
+None of these is in Flower's public API; a Flower upgrade that moves one breaks
+`self_test()` here, loudly, and nowhere else.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import re
 import time
 import types
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from flwr.app import Context, Error, Message
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SubStatus
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 __all__ = [
+    "KEY_CLIPPING_NORM",
     "SUPERLINK_NODE_ID",
     "ErrorCode",
-    "SubStatus",
+    "NeighboringRelation",
+    "PrivacyConfig",
+    "RdpAccountant",
+    "Run",
     "RuntimeTask",
+    "SamplingMethod",
+    "SubStatus",
     "acquire_clientapp_task",
+    "aggregate_arrayrecords",
     "assign_message_id",
     "bare_context",
     "claim_server_identity",
+    "empty_run",
     "error_reply",
     "load_client_app",
     "message_bytes",
@@ -48,6 +67,7 @@ __all__ = [
     "report_refused_nodes",
     "runtime_client",
     "self_test",
+    "set_message_id",
 ]
 
 
@@ -58,11 +78,21 @@ def claim_server_identity(run_id: int) -> None:
     TaskIdentity.node_id = SUPERLINK_NODE_ID
 
 
+def empty_run(run_id: int) -> Run:
+    """The `Run` a Grid reports for a run fedge started without a SuperLink."""
+    return Run.create_empty(run_id)
+
+
 def assign_message_id(message: Message) -> str:
     """Give an instruction message a fresh id, as Flower's grids do on push."""
     message_id = uuid.uuid4().hex
-    message.metadata.__dict__["_message_id"] = message_id
+    set_message_id(message, message_id)
     return message_id
+
+
+def set_message_id(message: Message, message_id: str) -> None:
+    """Stamp `message` with `message_id` (a Ray actor rebuilds the driver's instruction)."""
+    message.metadata.__dict__["_message_id"] = message_id
 
 
 def error_reply(
@@ -157,7 +187,6 @@ class RuntimeTask:
 
 def bare_context(message: Message) -> Context:
     """A context naming only the run and node of `message` (enough to push a reply)."""
-    from flwr.app import RecordDict
 
     return Context(message.metadata.run_id, message.metadata.dst_node_id, {}, RecordDict(), {})
 
@@ -222,8 +251,8 @@ def patch_supernode_sleeps(
             on_message()
         return run_id
 
-    sci.time = types.SimpleNamespace(sleep=sleep, time=time.time, monotonic=time.monotonic)
-    sci._pull_and_store_message = pull_and_store
+    setattr(sci, "time", types.SimpleNamespace(sleep=sleep, time=time.time))  # noqa: B010
+    setattr(sci, "_pull_and_store_message", pull_and_store)  # noqa: B010
 
 
 # Flower waits 1 s for an object that is not there yet (a message is registered before its
@@ -311,6 +340,8 @@ def _check_supernode_sleeps() -> None:
             raise RuntimeError(f"the SuperNode no longer calls {call} {count} time(s)")
     if "time.sleep(" in source.replace("time.sleep(3)", "").replace("time.sleep(0.5)", ""):
         raise RuntimeError("the SuperNode sleeps somewhere fedge does not know of")
+    if set(re.findall(r"\btime\.(\w+)", source)) - {"sleep", "time"}:
+        raise RuntimeError("the SuperNode uses more of `time` than fedge's stand-in offers")
     if not callable(getattr(sci, "_pull_and_store_message", None)):
         raise RuntimeError("the SuperNode's _pull_and_store_message is gone")
     if "run_id = _pull_and_store_message(" not in source:
@@ -339,7 +370,9 @@ def _check_runtime_api() -> None:
 
 def self_test() -> None:
     """Raise RuntimeError if this Flower no longer supports what fedge relies on."""
-    from flwr.app import ConfigRecord, RecordDict
+    import numpy as np
+    from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, FedAvg
 
     try:
         _check_supernode_sleeps()
@@ -350,14 +383,55 @@ def self_test() -> None:
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")
         mid = assign_message_id(msg)
         reply = Message(RecordDict(), reply_to=msg)
-        ok = (
-            msg.metadata.message_id == mid
+        ids_ok = (
+            empty_run(7).run_id == 7
+            and msg.metadata.message_id == mid
             and msg.metadata.run_id == 7
             and reply.metadata.reply_to_message_id == mid
             and reply.metadata.src_node_id == 2
             and message_from_bytes(message_bytes(msg)).metadata.message_id == mid
         )
+        records = [
+            RecordDict({"a": ArrayRecord([np.full(2, v)]), "m": MetricRecord({"n": n})})
+            for v, n in ((1.0, 1), (4.0, 2))
+        ]
+        mean = aggregate_arrayrecords(records, "n").to_numpy_ndarrays()[0]
+        accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=1e-5,
+                population_size=10,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+        dp = DifferentialPrivacyClientSideFixedClipping(
+            FedAvg(), 1.0, 0.5, 2, accountant=accountant
+        )
+        nodes = cast(Grid, _Nodes())
+        sent = next(iter(dp.configure_train(1, ArrayRecord([np.zeros(2)]), ConfigRecord(), nodes)))
+        dp_ok = sent.content.config_records["config"][KEY_CLIPPING_NORM] == 0.5
     except Exception as exc:  # any failure means the internals moved
         raise RuntimeError(f"fedge's Flower compatibility layer is broken: {exc!r}") from exc
-    if not ok:
+    if not ids_ok:
         raise RuntimeError("fedge's Flower compatibility layer is broken: metadata not as expected")
+    if not np.allclose(mean, 3.0):
+        raise RuntimeError(f"Flower's aggregate_arrayrecords no longer weights: {mean}")
+    if not dp_ok:
+        raise RuntimeError(f"Flower's client-side DP no longer sends {KEY_CLIPPING_NORM!r}")
+
+
+class _Nodes:
+    """The least of a Grid that a strategy's configure_train asks for (self_test only)."""
+
+    def get_node_ids(self) -> list[int]:
+        return [2, 3]
+
+    def create_message(
+        self,
+        content: RecordDict,
+        message_type: str,
+        dst_node_id: int,
+        group_id: str,
+        ttl: float | None = None,
+    ) -> Message:
+        return Message(content, dst_node_id, message_type, group_id=group_id)

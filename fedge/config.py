@@ -13,21 +13,24 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fedge.errors import ConfigError
+from fedge.wire import CLIENT_DEFAULTS
+
+__all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
+
 
 def opt(default: Any, help: str) -> Any:
     """A config field with its default and the help text `fedge --help` shows."""
     return field(default=default, metadata={"help": help})
 
 
-class ConfigError(ValueError):
-    """A configuration value is wrong; the message names the field and what is allowed."""
-
-
 @dataclass
 class RunConfig:
     """Everything a federated run needs; field docs appear in `fedge run --help`."""
 
-    task: str = opt("digits", "task name (digits, mobilellm, asr, kws, hrvit) or module:Class")
+    task: str = opt(
+        CLIENT_DEFAULTS.task, "task name (digits, mobilellm, asr, kws, hrvit) or module:Class"
+    )
     task_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "keyword options of the task"}
     )
@@ -39,20 +42,27 @@ class RunConfig:
     strategy_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "strategy keyword options"}
     )
-    partition: str = opt("iid", "iid, label-k:K, dirichlet:ALPHA, quantity:ALPHA, natural")
-    local_epochs: int = opt(2, "passes over local data per round")
-    batch_size: int = opt(16, "local minibatch size")
-    lr: float = opt(0.05, "local SGD learning rate")
-    momentum: float = opt(0.9, "local SGD momentum")
-    lr_decay: float = opt(1.0, "learning rate multiplier per round")
-    max_train_seconds: float = opt(0.0, "per-round local training budget in seconds (0: none)")
+    partition: str = opt(
+        CLIENT_DEFAULTS.partition, "iid, label-k:K, dirichlet:ALPHA, quantity:ALPHA, natural"
+    )
+    local_epochs: int = opt(CLIENT_DEFAULTS.local_epochs, "passes over local data per round")
+    batch_size: int = opt(CLIENT_DEFAULTS.batch_size, "local minibatch size")
+    lr: float = opt(CLIENT_DEFAULTS.lr, "local SGD learning rate")
+    momentum: float = opt(CLIENT_DEFAULTS.momentum, "local SGD momentum")
+    lr_decay: float = opt(CLIENT_DEFAULTS.lr_decay, "learning rate multiplier per round")
+    max_train_seconds: float = opt(
+        CLIENT_DEFAULTS.max_train_seconds, "per-round local training budget in seconds (0: none)"
+    )
     eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
     round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
-    seed: int = opt(0, "seed for model init, partitions and sampling")
+    seed: int = opt(CLIENT_DEFAULTS.seed, "seed for model init, partitions and sampling")
     shared_fraction: float = opt(
-        0.0, "size of the globally shared subset G over the clients' data (Zhao's alpha)"
+        CLIENT_DEFAULTS.shared_fraction,
+        "size of the globally shared subset G over the clients' data (Zhao's alpha)",
     )
-    shared_per_client: float = opt(1.0, "random fraction of G each client mixes in (beta)")
+    shared_per_client: float = opt(
+        CLIENT_DEFAULTS.shared_per_client, "random fraction of G each client mixes in (beta)"
+    )
     warmup_epochs: int = opt(0, "epochs the server trains the initial model on G")
     track_divergence: bool = opt(False, "shadow centralized SGD for weight divergence (slow)")
     backend: str = opt(
@@ -63,7 +73,8 @@ class RunConfig:
     client_gpus: float = opt(0.0, "GPUs one simulated client needs (fractions allowed)")
     dropout_rate: float = opt(0.0, "probability that a sampled client fails (simulated)")
     faults: str = opt(
-        "", "simulated faulty clients, KIND[=ARG]:FRACTION,... (nan, shape, signflip, slow, ...)"
+        CLIENT_DEFAULTS.faults,
+        "simulated faulty clients, KIND[=ARG]:FRACTION,... (nan, shape, signflip, slow, ...)",
     )
     max_update_norm: float = opt(
         10.0, "reject updates whose norm is over this many times the model's norm (0: off)"
@@ -73,7 +84,7 @@ class RunConfig:
     dp_delta: float = opt(1e-5, "differential privacy: the delta that epsilon is reported at")
     resume: bool = opt(False, "continue the run in `out` from its last intact round")
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
-    device: str = opt("cpu", "torch device for training: cpu, cuda, or auto")
+    device: str = opt(CLIENT_DEFAULTS.device, "torch device for training: cpu, cuda, or auto")
 
     # --- loading ------------------------------------------------------------------------
     @classmethod
@@ -187,6 +198,32 @@ class RunConfig:
 
 
 BACKENDS = ("ray", "local", "flower")
+# RunConfig fields that stay on the server; every other field reaches the clients as a
+# field of `fedge.wire.ClientSpec` (tests check that the two sets cover RunConfig)
+SERVER_FIELDS = frozenset(
+    {
+        "num_clients",
+        "clients_per_round",
+        "rounds",
+        "strategy",
+        "strategy_options",
+        "eval_fraction",
+        "round_timeout",
+        "warmup_epochs",
+        "track_divergence",
+        "backend",
+        "ray_address",
+        "client_cpus",
+        "client_gpus",
+        "dropout_rate",
+        "max_update_norm",
+        "dp_noise",
+        "dp_clip",
+        "dp_delta",
+        "resume",
+        "out",
+    }
+)
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
@@ -227,7 +264,7 @@ def _coerce(name: str, annotation: Any, value: Any) -> Any:
     except (TypeError, ValueError, json.JSONDecodeError):
         pass
     else:
-        return value
+        raise TypeError(f"RunConfig.{name}: no conversion for field type {kind!r}")
     expected = {
         "int": "an integer",
         "float": "a number",

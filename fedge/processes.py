@@ -69,7 +69,7 @@ def start(
 ) -> subprocess.Popen:
     """Start a child in its own process group (so stop() also ends its children); its
     output goes to `log`, else to `output` (None: this process's stdout; PIPE: a pipe)."""
-    out = open(log, "ab") if log else output  # noqa: SIM115 - owned by the child
+    out = open(log, "ab") if log else output  # the child owns it: closed when it exits
     return subprocess.Popen(
         cmd,
         stdout=out,

@@ -30,16 +30,18 @@ import torch
 from scipy.stats import spearmanr
 
 from fedge.config import RunConfig
-from fedge.data.shared import client_split
-from fedge.server.app import server_federation, shadow_sgd, warm_up
-from fedge.server.divergence import (
+from fedge.data.divergence import (
     fedavg_steps,
     mean_state,
     relative_distance,
+    run_federation,
     sgd_noise,
     sgd_replicas,
+    shadow_sgd,
+    warm_up,
     weight_divergence,
 )
+from fedge.data.shared import client_split
 from fedge.simulation import simulate
 from fedge.tasks import build_task
 
@@ -214,7 +216,7 @@ def reference_divergence(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
     cfg = RunConfig.from_mapping({**settings, "out": str(out)})
     task = build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
     model = task.build_model()
-    fed = server_federation(task, cfg)
+    fed = run_federation(task, cfg)
     if cfg.warmup_epochs:
         warm_up(task, model, cfg, fed)  # deterministic: the run started from these weights
     pooled = shadow_sgd(task, model, cfg, fed)

@@ -2,17 +2,13 @@
 
 import numpy as np
 import pytest
-import torch
 
 from fedge.tasks.asr.data import PHRASES
 from fedge.tasks.asr.task import ASRTask, decode_text, encode_text
 from fedge.tasks.base import TrainConfig
 from fedge.tasks.registry import build_task
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_builds_the_task_with_speaker_groups():

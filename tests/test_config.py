@@ -50,3 +50,21 @@ def test_option_parsing():
     assert parse_option("source=sklearn") == ("source", "sklearn")
     with pytest.raises(ConfigError):
         parse_option("novalue")
+
+
+def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, capsys, monkeypatch):
+    from fedge import cli
+    from fedge.errors import ConfigError
+
+    out = str(tmp_path / "never")
+    assert cli.main(["run", "--rounds", "0", "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == "fedge run: error: rounds: must be >= 1, got 0"
+    with pytest.raises(ConfigError, match="rounds: must be >= 1"):
+        cli.main(["--debug", "run", "--rounds", "0", "--out", out])
+
+    def buggy(cfg):
+        raise ValueError("a bug, not bad input")
+
+    monkeypatch.setattr("fedge.simulation.simulate", buggy)
+    with pytest.raises(ValueError, match="a bug, not bad input"):
+        cli.main(["run", "--out", out])

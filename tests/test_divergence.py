@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.divergence import (
+from fedge.data.divergence import (
     fedavg_steps,
     layer_of,
     mean_state,

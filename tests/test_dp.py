@@ -3,7 +3,6 @@
 import math
 
 import torch
-from runkit import small_run
 
 from fedge.simulation import simulate
 from fedge.strategies.dp import clip_update
@@ -26,7 +25,7 @@ def rdp_gaussian_epsilon(noise: float, releases: int, delta: float) -> float:
     return min(releases * a / (2 * noise**2) + math.log(1 / delta) / (a - 1) for a in orders)
 
 
-def test_dp_run_reports_growing_epsilon_and_sends_clipped_updates(run_dir):
+def test_dp_run_reports_growing_epsilon_and_sends_clipped_updates(run_dir, small_run):
     clip, noise, delta = 0.5, 1.0, 1e-5
     cfg = small_run(run_dir, dp_noise=noise, dp_clip=clip, dp_delta=delta)
     history = simulate(cfg)

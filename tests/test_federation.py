@@ -9,20 +9,19 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, run_server
+from fedge.server.app import run_server
 from fedge.simulation import simulate
 from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import STRATEGIES, build_strategy
 from fedge.tasks import build_task
+from fedge.wire import ClientSpec
+
+# the digits CNN with two local epochs and federated evaluation, unlike the fixture's defaults
+FULL = dict(task_options={}, local_epochs=2, eval_fraction=0.5)
 
 
-def small_run(out, **kw):
-    base = dict(backend="local", num_clients=4, rounds=2, eval_fraction=0.5, out=str(out))
-    return RunConfig.from_mapping({**base, **kw})
-
-
-def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir):
-    history = simulate(small_run(run_dir, rounds=3))
+def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir, small_run):
+    history = simulate(small_run(run_dir, **FULL, rounds=3))
     assert [r["round"] for r in history] == [1, 2, 3]
     assert history[-1]["accuracy"] > 0.8 > 0.1  # chance is 0.1
     for r in history:
@@ -48,17 +47,20 @@ def test_simulation_learns_and_writes_history_checkpoints_plot(run_dir):
     assert all(torch.equal(final[k], last[k]) for k in final)
 
 
-def test_clients_per_round_samples_that_many(run_dir):
+def test_clients_per_round_samples_that_many(run_dir, small_run):
     history = simulate(small_run(run_dir, num_clients=6, clients_per_round=2, eval_fraction=0))
     assert [r["num_clients"] for r in history] == [2, 2]
     assert all("fed_loss" not in r for r in history)
 
 
-def test_custom_strategy_module_class_is_the_one_used(run_dir):
+def test_custom_strategy_module_class_is_the_one_used(run_dir, small_run):
     plugin_strategies.CALLS.clear()
     simulate(
         small_run(
-            run_dir, strategy="plugin_strategies:CountingFedAvg", strategy_options={"tag": "x"}
+            run_dir,
+            **FULL,
+            strategy="plugin_strategies:CountingFedAvg",
+            strategy_options={"tag": "x"},
         )
     )
     assert plugin_strategies.CALLS == [1, 2]
@@ -95,7 +97,7 @@ def test_fedprox_strategy_sends_mu_and_client_adds_the_proximal_term():
     strategy = build_strategy(cfg.strategy, cfg.strategy_options, {"min_available_nodes": 4})
     grid = LocalGrid(client_app, num_nodes=4)
     weights = ArrayRecord(build_task("digits").build_model().state_dict())
-    (msg, *_) = strategy.configure_train(1, weights, client_config(cfg), grid)
+    (msg, *_) = strategy.configure_train(1, weights, ClientSpec.from_run(cfg).to_record(), grid)
     sent = msg.content["config"]
     assert sent["proximal-mu"] == 5.0
     g0, free = train_once(ConfigRecord({**dict(sent), "proximal-mu": 0.0}))
@@ -108,7 +110,10 @@ def test_client_budget_and_device_metrics():
     task = build_task("digits")
     grid = LocalGrid(client_app, num_nodes=4)
     content = RecordDict(
-        {"arrays": ArrayRecord(task.build_model().state_dict()), "config": client_config(cfg)}
+        {
+            "arrays": ArrayRecord(task.build_model().state_dict()),
+            "config": ClientSpec.from_run(cfg).to_record(),
+        }
     )
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE + 1, MessageType.TRAIN)])
     m = reply.content["metrics"]
@@ -118,7 +123,9 @@ def test_client_budget_and_device_metrics():
 
 def test_a_raising_client_becomes_a_failure_not_a_crash():
     grid = LocalGrid(client_app, num_nodes=2)
-    bad = ConfigRecord({**dict(client_config(RunConfig())), "task": "no-such-task"})
+    bad = ConfigRecord(
+        {**dict(ClientSpec.from_run(RunConfig()).to_record()), "task": "no-such-task"}
+    )
     content = RecordDict({"arrays": ArrayRecord(), "config": bad})
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.TRAIN)])
     assert reply.has_error() and "unknown task" in reply.error.reason
@@ -127,7 +134,9 @@ def test_a_raising_client_becomes_a_failure_not_a_crash():
 def test_client_started_for_another_task_is_refused():
     grid = LocalGrid(client_app, num_nodes=2)
     grid.context(NODE_ID_BASE).node_config["task"] = "kws"
-    content = RecordDict({"arrays": ArrayRecord(), "config": client_config(RunConfig())})
+    content = RecordDict(
+        {"arrays": ArrayRecord(), "config": ClientSpec.from_run(RunConfig()).to_record()}
+    )
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.TRAIN)])
     assert reply.has_error() and "start the client with the server's --task" in reply.error.reason
 
@@ -138,7 +147,7 @@ def test_flower_compat_layer_self_test():
     self_test()
 
 
-def test_lora_clients_ship_only_their_adapters(run_dir):
+def test_lora_clients_ship_only_their_adapters(run_dir, small_run):
     options = {"trainable": "lora", "seq_len": 32}
     cfg = small_run(
         run_dir,
@@ -160,7 +169,7 @@ def test_lora_clients_ship_only_their_adapters(run_dir):
     assert set(final) == set(full)  # the server keeps the whole model, frozen base included
 
 
-def test_nodes_that_never_answer_count_as_failures(run_dir):
+def test_nodes_that_never_answer_count_as_failures(run_dir, small_run):
     class LosingGrid(LocalGrid):
         """Drops the reply of the first node, as a real grid does past its timeout."""
 

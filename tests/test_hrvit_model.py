@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from test_hrvit_task import one_thread  # noqa: F401  (autouse: one torch thread on 2 shared cores)
 
 from fedge.tasks.hrvit.model import (
     CONFIGS,
@@ -11,6 +10,8 @@ from fedge.tasks.hrvit.model import (
     build_model,
     stripe_attention,
 )
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_stripe_attention(q, kv, heads, window):

@@ -24,13 +24,7 @@ class FixedPrediction(nn.Module):
         return onehot.float().expand(images.shape[0], -1, -1, -1) * 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The sandbox's 2 cores are shared: one thread is several times faster than two here."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

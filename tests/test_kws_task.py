@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from asr_fixtures import write_wav
 
 from fedge.tasks.asr.data import KEYWORDS
@@ -10,10 +9,7 @@ from fedge.tasks.asr.task import KeywordTask
 from fedge.tasks.base import TrainConfig
 from fedge.tasks.registry import build_task
 
-
-@pytest.fixture(autouse=True)
-def _threads():
-    torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registry_builds_ten_keyword_classes_per_speaker():

@@ -11,14 +11,7 @@ from fedge.tasks.mobilellm.lora import LoRALinear, state_bytes, trainable_state
 from fedge.tasks.mobilellm.model import save_hf_checkpoint
 from fedge.tasks.registry import build_task
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The sandbox's two cores are shared: one thread per test process trains faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -7,13 +7,14 @@ from flwr.app import ArrayRecord, Message, MessageType, MetricRecord, RecordDict
 
 from fedge.client.app import app as client_app
 from fedge.config import RunConfig
-from fedge.server.app import client_config, sampling
+from fedge.server.app import sampling
 from fedge.simulation import simulate
 from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies import build_strategy
 from fedge.strategies.fednova import NORM, local_norm
 from fedge.strategies.scaffold import CLIENT_CONTROL, CONTROL, DELTA
 from fedge.tasks import build_task
+from fedge.wire import ClientSpec
 
 
 def test_scaffold_client_and_server_control_variates():
@@ -21,7 +22,9 @@ def test_scaffold_client_and_server_control_variates():
     grid = LocalGrid(client_app, num_nodes=10)
     strategy = build_strategy("scaffold", {}, sampling(cfg))
     weights = ArrayRecord(build_task("digits").build_model().state_dict())
-    messages = list(strategy.configure_train(1, weights, client_config(cfg), grid))
+    messages = list(
+        strategy.configure_train(1, weights, ClientSpec.from_run(cfg).to_record(), grid)
+    )
     content = messages[0].content
     assert content["config"]["algorithm"] == "scaffold"
     assert all(not v.numpy().any() for v in content[CONTROL].values())
@@ -36,7 +39,7 @@ def test_scaffold_client_and_server_control_variates():
     sent_back = first.content["arrays"].count_bytes() + first.content[DELTA].count_bytes()
     assert first.content["metrics"]["update_bytes"] == sent_back  # the control delta counts too
     # with c = c_k = 0 the correction is zero: the client trained exactly as plain SGD does
-    plain = RecordDict({"arrays": weights, "config": client_config(cfg)})
+    plain = RecordDict({"arrays": weights, "config": ClientSpec.from_run(cfg).to_record()})
     plain_grid = LocalGrid(client_app, num_nodes=10)
     (ref,) = plain_grid.send_and_receive([Message(plain, NODE_ID_BASE, MessageType.TRAIN)])
     got, want = first.content["arrays"], ref.content["arrays"]
@@ -64,7 +67,7 @@ def test_fednova_aggregation_normalizes_by_local_work():
     grid = LocalGrid(client_app, num_nodes=3)
     strategy = build_strategy("fednova", {}, sampling(cfg))
     x = {"w": torch.tensor([1.0, 1.0])}
-    list(strategy.configure_train(1, ArrayRecord(x), client_config(cfg), grid))
+    list(strategy.configure_train(1, ArrayRecord(x), ClientSpec.from_run(cfg).to_record(), grid))
     ws = [torch.tensor([0.0, 1.0]), torch.tensor([1.0, 3.0]), torch.tensor([2.0, 2.0])]
     n, a = [10.0, 30.0, 60.0], [2.0, 4.0, 8.0]
 

@@ -97,12 +97,12 @@ def test_end_to_end_run_with_shared_data_and_warm_up(run_dir):
 
 def test_warm_up_trains_the_initial_model_on_g():
     from fedge.config import RunConfig
-    from fedge.server.app import server_federation, warm_up
+    from fedge.data.divergence import run_federation, warm_up
     from fedge.tasks import build_task
 
     cfg = RunConfig(partition="label-k:1", shared_fraction=0.1, warmup_epochs=5, batch_size=20)
     task = build_task("digits")
     model, test = task.build_model(), task.test_dataset()
     before = task.evaluate(model, test)["accuracy"]
-    warm_up(task, model, cfg, server_federation(task, cfg))
+    warm_up(task, model, cfg, run_federation(task, cfg))
     assert task.evaluate(model, test)["accuracy"] > before + 0.4

@@ -1,10 +1,10 @@
 """A Flower ClientApp built from any fedge Task.
 
-The server sends, with each instruction, the run's spec (task, partition scheme, local
-hyper-parameters) in the ConfigRecord; the node's own `node_config` says which partition
-it holds and may override the device's budget (`max-train-seconds`) and data folder. A
-node without a partition owns its data: it trains on all of its `data-dir` (the task's
-real format), evaluates on that folder's test split, and reports its label counts (never
+The server sends, with each instruction, the run's `ClientSpec` (task, partition scheme,
+local hyper-parameters; fedge.wire) in the ConfigRecord; the node's own `node_config` says
+which partition it holds and may override the device's budget and data folder. A node
+without a partition owns its data: it trains on all of its data folder (the task's real
+format), evaluates on that folder's test split, and reports its label counts (never
 samples) so the server measures its label skew.
 The same app runs in a real SuperNode, in Flower's simulation and in fedge's grids.
 """
@@ -12,11 +12,10 @@ The same app runs in a real SuperNode, in Flower's simulation and in fedge's gri
 from __future__ import annotations
 
 import functools
-import json
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -30,55 +29,49 @@ from fedge.client.faults import faulty_arrays
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
 from fedge.faults import Fault, fault_for, parse_fault
-from fedge.strategies.dp import DP_WEIGHT, KEY_CLIPPING_NORM, clip_update
+from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
 from fedge.tasks import Task, TrainConfig, build_task
-from fedge.tasks.base import exchanged_state, load_exchanged
-
-LABEL_COUNTS = "label_counts"  # metric: a device's examples per label, index = label
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """What the server tells every client about the run (hashable: it keys the caches)."""
-
-    task: str
-    task_options: str  # JSON, sorted keys
-    data_dir: str
-    partition: str
-    seed: int
-    shared_fraction: float = 0.0
-    shared_per_client: float = 1.0
-
-    @classmethod
-    def from_config(cls, config: ConfigRecord, node_config: dict[str, Any]) -> RunSpec:
-        task = str(config["task"])
-        local_task = node_config.get("task")
-        if local_task and local_task != task:
-            raise ValueError(
-                f"this client was started for task {local_task!r} but the server runs {task!r}; "
-                "start the client with the server's --task"
-            )
-        return cls(
-            task=task,
-            task_options=str(config.get("task-options", "{}")),
-            data_dir=str(node_config.get("data-dir") or config.get("data-dir", "")),
-            partition=str(config.get("partition", "iid")),
-            seed=int(config.get("seed", 0)),
-            shared_fraction=float(config.get("shared-fraction", 0.0)),
-            shared_per_client=float(config.get("shared-per-client", 1.0)),
-        )
+from fedge.tasks.base import exchanged_state, load_exchanged, num_samples
+from fedge.wire import (
+    ALGORITHM,
+    ARRAYS,
+    CLIPPING_NORM,
+    CONFIG,
+    DP_WEIGHT,
+    EMD,
+    EVAL_SECONDS,
+    EXAMPLES_SEEN,
+    FIRST_COMPUTE_SECONDS,
+    LABEL_COUNTS,
+    METRICS,
+    NODE_FAULT,
+    NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PEAK_RSS_MB,
+    PROXIMAL_MU,
+    SERVER_ROUND,
+    STEPS,
+    STOPPED_EARLY,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    UPDATE_BYTES,
+    WAIT_SECONDS,
+    ClientSpec,
+    MetricValues,
+    number,
+)
 
 
 @functools.lru_cache(maxsize=4)
-def load_task(spec: RunSpec) -> Task:
+def load_task(spec: ClientSpec) -> Task:
     """One Task (and its data) per process and run, shared by every virtual client."""
-    options = json.loads(spec.task_options)
-    return build_task(spec.task, data_dir=spec.data_dir or None, seed=spec.seed, **options)
+    return build_task(spec.task, data_dir=spec.data_dir or None, seed=spec.seed, **spec.options())
 
 
 @functools.lru_cache(maxsize=4)
-def client_federation(spec: RunSpec, num_partitions: int) -> Federation:
+def client_federation(spec: ClientSpec, num_partitions: int) -> Federation:
     """The partitions and shared subset G, exactly as the server computes them."""
     task = load_task(spec)
     return federation(
@@ -91,21 +84,28 @@ def client_federation(spec: RunSpec, num_partitions: int) -> Federation:
     )
 
 
-def owns_data(node_config: dict[str, Any]) -> bool:
+def owns_data(node_config: Mapping[str, Any]) -> bool:
     """A node started with its own data and no simulated partition."""
-    return "partition-id" not in node_config
+    return PARTITION_ID not in node_config
 
 
-def client_indices(spec: RunSpec, node_config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """This node's (train, eval) indices into the task's pool; train includes its share of G."""
-    pid, num = int(node_config["partition-id"]), int(node_config["num-partitions"])
+def partition_of(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(partition id, number of partitions) from the node config, checked."""
+    pid, num = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
     if not 0 <= pid < num:
-        raise ValueError(f"partition-id {pid} is outside 0..{num - 1}")
-    fed = client_federation(spec, num)
-    return client_split(fed, pid, spec.seed, spec.shared_per_client)
+        raise ValueError(f"{PARTITION_ID} {pid} is outside 0..{num - 1}")
+    return pid, num
 
 
-def client_data(spec: RunSpec, node_config: dict[str, Any]) -> tuple[Task, Dataset, Dataset]:
+def client_indices(
+    spec: ClientSpec, node_config: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+    """This node's (train, eval) indices into the task's pool; train includes its share of G."""
+    pid, num = partition_of(node_config)
+    return client_split(client_federation(spec, num), pid, spec.seed, spec.shared_per_client)
+
+
+def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task, Dataset, Dataset]:
     """The task plus this node's local train and evaluation splits."""
     task = load_task(spec)
     if owns_data(node_config):
@@ -135,34 +135,30 @@ def peak_rss_mb() -> float:
     return peak / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
-def train_config(config: ConfigRecord, node_config: dict[str, Any], pid: int) -> TrainConfig:
-    """Local hyper-parameters from the server, the budget from the node if it sets one."""
-    budget = node_config.get("max-train-seconds", config.get("max-train-seconds", 0.0))
-    rnd = int(config.get("server-round", 1))
+def train_config(spec: ClientSpec, config: ConfigRecord, pid: int) -> TrainConfig:
+    """This round's local training: the run's settings, the strategy's proximal term, and a
+    seed that differs by node and round."""
+    rnd = int(number(config, SERVER_ROUND, 1))
     return TrainConfig(
-        epochs=int(config.get("local-epochs", 1)),
-        batch_size=int(config.get("batch-size", 32)),
-        lr=float(config.get("lr", 0.05)) * float(config.get("lr-decay", 1.0)) ** (rnd - 1),
-        momentum=float(config.get("momentum", 0.0)),
-        max_seconds=float(budget),
-        proximal_mu=float(config.get("proximal-mu", 0.0)),
-        seed=int(config.get("seed", 0)) * 1_000_003 + pid * 1009 + rnd,
+        epochs=spec.local_epochs,
+        batch_size=spec.batch_size,
+        lr=spec.round_lr(rnd),
+        momentum=spec.momentum,
+        max_seconds=spec.max_train_seconds,
+        proximal_mu=number(config, PROXIMAL_MU, 0.0),
+        seed=spec.seed * 1_000_003 + pid * 1009 + rnd,
     )
 
 
-def client_fault(config: ConfigRecord, node_config: dict[str, Any]) -> Fault | None:
+def client_fault(spec: ClientSpec, node_config: Mapping[str, Any]) -> Fault | None:
     """The fault this node simulates: its own `fault` node config, else the run's `faults`
     (which name partitions: a device that owns its data has none)."""
-    if node_config.get("fault"):
-        return parse_fault(str(node_config["fault"]))
+    if node_config.get(NODE_FAULT):
+        return parse_fault(str(node_config[NODE_FAULT]))
     if owns_data(node_config):
         return None
-    return fault_for(
-        str(config.get("faults", "")),
-        int(node_config["partition-id"]),
-        int(node_config["num-partitions"]),
-        int(config.get("seed", 0)),
-    )
+    pid, num = partition_of(node_config)
+    return fault_for(spec.faults, pid, num, spec.seed)
 
 
 def outgoing_arrays(
@@ -171,32 +167,33 @@ def outgoing_arrays(
     """The weights this client sends: clipped for differential privacy if the server asks,
     then corrupted if the node simulates a fault."""
     state = exchanged_state(model.to("cpu"))
-    if KEY_CLIPPING_NORM not in config and fault is None:
+    if CLIPPING_NORM not in config and fault is None:
         return ArrayRecord(state)
     global_state = sent.to_torch_state_dict()
-    if KEY_CLIPPING_NORM in config:
-        state = clip_update(state, global_state, float(config[KEY_CLIPPING_NORM]))
+    if CLIPPING_NORM in config:
+        state = clip_update(state, global_state, number(config, CLIPPING_NORM))
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
-def label_skew_metrics(task: Task, spec: RunSpec, node_config: dict[str, Any]) -> dict[str, Any]:
-    """A partition's `emd` against the whole pool; a device's own data: its `label_counts`
+def label_skew_metrics(
+    task: Task, spec: ClientSpec, node_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A partition's EMD against the whole pool; a device's own data: its label counts
     (the server, holding the reference distribution, computes the EMD)."""
     labels = task.train_labels()
     if owns_data(node_config):
         return {LABEL_COUNTS: np.bincount(labels).astype(int).tolist()}
     train_idx, _ = client_indices(spec, node_config)
-    return {"emd": float(client_emds(labels, [train_idx])[0])}
+    return {EMD: float(client_emds(labels, [train_idx])[0])}
 
 
 def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, float]:
     """How long the instruction took to reach the ClientApp after the server made it
-    (`wait_seconds`; one clock on one machine, else clock skew counts), and how long the
-    ClientApp took from then to its first compute (`first_compute_seconds`: task, data and
-    model ready)."""
+    (one clock on one machine; across machines their skew counts), and how long the
+    ClientApp took from then to its first compute (task, data and model ready)."""
     return {
-        "wait_seconds": max(0.0, entered - msg.metadata.created_at),
-        "first_compute_seconds": loaded - entered,
+        WAIT_SECONDS: max(0.0, entered - msg.metadata.created_at),
+        FIRST_COMPUTE_SECONDS: loaded - entered,
     }
 
 
@@ -207,16 +204,13 @@ app = ClientApp()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the local partition and reply with weights and device metrics."""
     entered = time.time()
-    config = msg.content["config"]
-    spec = RunSpec.from_config(config, context.node_config)
+    config = msg.content.config_records[CONFIG]
+    spec = ClientSpec.from_record(config, context.node_config)
     task, train_data, _ = client_data(spec, context.node_config)
-    device = resolve_device(str(config.get("device", "cpu")))
-    model = model_from(task, msg.content["arrays"], device)
-    seat = (
-        context.node_id if owns_data(context.node_config) else context.node_config["partition-id"]
-    )
-    cfg = train_config(config, context.node_config, int(seat))
-    algorithm = client_algorithm(str(config.get("algorithm", "")))
+    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
+    node = context.node_config
+    cfg = train_config(spec, config, context.node_id if owns_data(node) else partition_of(node)[0])
+    algorithm = client_algorithm(str(config.get(ALGORITHM, "")))
     if algorithm:
         algorithm.prepare(model, msg.content, context.state, cfg)
     loaded, started = time.time(), time.perf_counter()
@@ -224,26 +218,26 @@ def train(msg: Message, context: Context) -> Message:
     extra_arrays, extra_metrics = (
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
-    fault = client_fault(config, context.node_config)
-    arrays = outgoing_arrays(model, msg.content["arrays"], config, fault)
+    fault = client_fault(spec, context.node_config)
+    arrays = outgoing_arrays(model, msg.content.array_records[ARRAYS], config, fault)
     metrics = MetricRecord(
         {
-            "num-examples": len(train_data),
-            "train_loss": report.loss,
-            "train_seconds": time.perf_counter() - started,
+            NUM_EXAMPLES: num_samples(train_data),
+            TRAIN_LOSS: report.loss,
+            TRAIN_SECONDS: time.perf_counter() - started,
             **arrival_metrics(msg, entered, loaded),
-            "peak_rss_mb": peak_rss_mb(),
-            "examples_seen": report.num_examples,
-            "steps": report.steps,
-            "stopped_early": int(report.stopped_early),
-            "update_bytes": sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
+            PEAK_RSS_MB: peak_rss_mb(),
+            EXAMPLES_SEEN: report.num_examples,
+            STEPS: report.steps,
+            STOPPED_EARLY: int(report.stopped_early),
+            UPDATE_BYTES: sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
             **label_skew_metrics(task, spec, context.node_config),
             **extra_metrics,
         }
     )
-    if KEY_CLIPPING_NORM in config:
+    if CLIPPING_NORM in config:
         metrics[DP_WEIGHT] = 1.0
-    content = RecordDict({"arrays": arrays, **extra_arrays, "metrics": metrics})
+    content = RecordDict({ARRAYS: arrays, **extra_arrays, METRICS: metrics})
     return Message(content, reply_to=msg)
 
 
@@ -251,16 +245,13 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
     entered = time.time()
-    config = msg.content["config"]
-    spec = RunSpec.from_config(config, context.node_config)
+    spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
-    model = model_from(
-        task, msg.content["arrays"], resolve_device(str(config.get("device", "cpu")))
-    )
+    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     loaded, started = time.time(), time.perf_counter()
     result = task.evaluate(model, eval_data)
-    metrics = {k: float(v) for k, v in result.items() if k != "num_examples"}
-    metrics["num-examples"] = len(eval_data)
-    metrics["eval_seconds"] = time.perf_counter() - started
+    metrics: MetricValues = {k: float(v) for k, v in result.items() if k != "num_examples"}
+    metrics[NUM_EXAMPLES] = num_samples(eval_data)
+    metrics[EVAL_SECONDS] = time.perf_counter() - started
     metrics.update(arrival_metrics(msg, entered, loaded))
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

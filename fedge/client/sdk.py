@@ -19,7 +19,15 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from fedge.edge.device import default_torch_threads, device_command
+from fedge.errors import ConfigError
 from fedge.processes import flower_tool, free_port, tool_env
+from fedge.wire import (
+    NODE_DATA_DIR,
+    NODE_MAX_TRAIN_SECONDS,
+    NODE_TASK,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+)
 
 if TYPE_CHECKING:  # this module stays light: `fedge client` must not wait for torch
     from fedge.tasks import Task
@@ -70,43 +78,45 @@ def supernode_command(
     Runtime API on 127.0.0.1:`runtime_port` to fedge's runtime; "subprocess": Flower's stock one.
     """
     if isolation not in ISOLATIONS:
-        raise ValueError(f"--isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
+        raise ConfigError(f"--isolation {isolation!r}: expected one of {', '.join(ISOLATIONS)}")
     host, _, port = server.rpartition(":")
     if not host or not port.isdigit():
-        raise ValueError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
+        raise ConfigError(f"--server {server!r}: expected HOST:PORT, e.g. 127.0.0.1:9092")
     if (partition_id is None) != (num_partitions is None):
-        raise ValueError("--partition-id and --num-partitions go together")
+        raise ConfigError("--partition-id and --num-partitions go together")
     if partition_id is None and not data_dir:
-        raise ValueError(
+        raise ConfigError(
             "give --data-dir DIR (the device's own data) or --partition-id I --num-partitions N"
         )
-    if num_partitions is not None and not 0 <= partition_id < num_partitions:  # type: ignore[operator]
-        raise ValueError(
-            f"--partition-id {partition_id}: must be in 0..{num_partitions - 1} (--num-partitions)"
-        )
+    if partition_id is not None and num_partitions is not None:
+        if not 0 <= partition_id < num_partitions:
+            raise ConfigError(
+                f"--partition-id {partition_id}: must be in 0..{num_partitions - 1}"
+                " (--num-partitions)"
+            )
     if data_dir and not os.path.isdir(data_dir):
-        raise ValueError(f"--data-dir {data_dir}: no such folder")
+        raise ConfigError(f"--data-dir {data_dir}: no such folder")
     if max_train_seconds < 0:
-        raise ValueError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
-    node_config: dict[str, Any] = {"task": task_spec(task, check=isolation == "subprocess")}
-    if num_partitions is not None:
-        node_config.update({"partition-id": partition_id, "num-partitions": num_partitions})
+        raise ConfigError(f"--max-train-seconds {max_train_seconds}: must be >= 0")
+    node_config: dict[str, Any] = {NODE_TASK: task_spec(task, check=isolation == "subprocess")}
+    if partition_id is not None:
+        node_config.update({PARTITION_ID: partition_id, NUM_PARTITIONS: num_partitions})
     if max_train_seconds:
-        node_config["max-train-seconds"] = float(max_train_seconds)
+        node_config[NODE_MAX_TRAIN_SECONDS] = float(max_train_seconds)
     if data_dir:
-        node_config["data-dir"] = os.path.abspath(data_dir)
+        node_config[NODE_DATA_DIR] = os.path.abspath(data_dir)
     if tls_dir:
         ca_cert = os.path.join(tls_dir, "ca.crt")
         if not os.path.exists(ca_cert):
-            raise ValueError(f"--tls {tls_dir}: no ca.crt there; copy the server's ca.crt in")
+            raise ConfigError(f"--tls {tls_dir}: no ca.crt there; copy the server's ca.crt in")
         security = ["--root-certificates", os.path.abspath(ca_cert)]
     elif auth_key:
-        raise ValueError("--auth-key needs --tls DIR: Flower authenticates SuperNodes over TLS")
+        raise ConfigError("--auth-key needs --tls DIR: Flower authenticates SuperNodes over TLS")
     else:
         security = ["--insecure"]
     if auth_key:
         if not os.path.exists(auth_key):
-            raise ValueError(f"--auth-key {auth_key}: no such file")
+            raise ConfigError(f"--auth-key {auth_key}: no such file")
         security += ["--auth-supernode-private-key", os.path.abspath(auth_key)]
     local_port = str(runtime_port or free_port())  # the node's local Runtime API
     if isolation == "runtime":
@@ -121,7 +131,7 @@ def supernode_command(
 def runtime_command(port: int, torch_threads: int, task: str) -> list[str]:
     """fedge's warm runtime for the SuperNode whose Runtime API is on 127.0.0.1:`port`."""
     if torch_threads < 1:
-        raise ValueError(f"--torch-threads {torch_threads}: must be >= 1")
+        raise ConfigError(f"--torch-threads {torch_threads}: must be >= 1")
     cmd = [sys.executable, "-m", "fedge.edge.runtime", "--runtime-api", f"127.0.0.1:{port}"]
     return cmd + ["--torch-threads", str(torch_threads), "--task", task]
 

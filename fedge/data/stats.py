@@ -8,9 +8,10 @@ client 1.6, an IID one about 0. Their weight divergence grows with it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
 
 def label_distribution(labels: np.ndarray, num_classes: int) -> np.ndarray:
@@ -46,9 +47,30 @@ def client_emds(labels: np.ndarray, clients: Sequence[np.ndarray]) -> np.ndarray
     return np.array([emd(label_distribution(labels[c], num_classes), p) for c in clients])
 
 
-def emd_summary(emds: Sequence[float], sizes: Sequence[int]) -> dict[str, float]:
+def emd_summary(emds: Sequence[float], sizes: Sequence[float]) -> dict[str, float]:
     """`emd_mean` (weighted by client size n_k) and `emd_max` over a set of clients."""
-    emds, sizes = np.asarray(emds, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
-    if len(emds) == 0 or sizes.sum() <= 0:
+    e, n = np.asarray(emds, dtype=np.float64), np.asarray(sizes, dtype=np.float64)
+    if len(e) == 0 or n.sum() <= 0:
         return {}
-    return {"emd_mean": float((emds * sizes).sum() / sizes.sum()), "emd_max": float(emds.max())}
+    return {"emd_mean": float((e * n).sum() / n.sum()), "emd_max": float(e.max())}
+
+
+def float_entries(state: Mapping[str, object]) -> dict[str, np.ndarray]:
+    """The floating-point entries of a state dict or ArrayRecord, as float64 arrays."""
+    out = {}
+    for key, value in state.items():
+        arr = value.numpy() if hasattr(value, "numpy") else np.asarray(value)
+        if isinstance(value, torch.Tensor):
+            arr = value.detach().cpu().numpy()
+        if np.issubdtype(arr.dtype, np.floating):
+            out[key] = arr.astype(np.float64)
+    return out
+
+
+def relative_distance(a: Mapping[str, object], b: Mapping[str, object]) -> float:
+    """||a - b|| / ||b|| over all floating-point entries."""
+    fa, fb = float_entries(a), float_entries(b)
+    keys = [k for k in fb if k in fa]  # FedAvg turns integer buffers (BatchNorm counts) into floats
+    num = sum(float(((fa[k] - fb[k]) ** 2).sum()) for k in keys)
+    den = sum(float((fb[k] ** 2).sum()) for k in keys)
+    return float(np.sqrt(num / den)) if den > 0 else float("nan")

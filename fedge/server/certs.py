@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from fedge.errors import ConfigError
+
 VALID_DAYS = 365
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")  # what the server certificate is valid for
 
@@ -83,7 +85,7 @@ def make_certs(out: str | Path, hosts: Sequence[str] = DEFAULT_HOSTS, clients: i
     if (out / "ca.key").exists():
         raise FileExistsError(f"{out}/ca.key exists: use another folder, or delete the old CA")
     if not hosts:
-        raise ValueError("give at least one --host the server certificate is valid for")
+        raise ConfigError("give at least one --host the server certificate is valid for")
     out.mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca = _certificate("fedge local CA", ca_key, None, ca_key)

@@ -20,7 +20,8 @@ import torch
 from flwr.serverapp.strategy import Strategy
 from torch import nn
 
-from fedge.server.history import atomic_write_bytes
+from fedge.errors import ConfigError
+from fedge.files import atomic_write_bytes
 
 log = logging.getLogger("fedge")
 KEEP_STRATEGY_STATES = 2  # older strategy states are deleted; model checkpoints are all kept
@@ -59,13 +60,13 @@ def load_round(out: Path, server_round: int, model: nn.Module) -> Strategy | Non
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     except Exception as exc:
-        raise ValueError(f"{path} is missing or damaged ({type(exc).__name__})") from None
+        raise ConfigError(f"{path} is missing or damaged ({type(exc).__name__})") from None
     path = strategy_path(out, server_round)
     try:
         data = path.read_bytes()
         return pickle.loads(data) if data else None
     except Exception as exc:
-        raise ValueError(f"{path} is missing or damaged ({type(exc).__name__})") from None
+        raise ConfigError(f"{path} is missing or damaged ({type(exc).__name__})") from None
 
 
 def resume_point(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.config import RunConfig
+from fedge.errors import ConfigError
 from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
 from fedge.server.app import CONFIG_KEY
 from fedge.server.certs import enrolled_keys, tls_files
@@ -95,7 +96,7 @@ def superlink_command(
         if auth:
             cmd.append("--enable-supernode-auth")
     elif auth:
-        raise ValueError("--auth needs --tls DIR: Flower authenticates SuperNodes over TLS only")
+        raise ConfigError("--auth needs --tls DIR: Flower authenticates SuperNodes over TLS only")
     else:
         cmd.append("--insecure")
     return cmd + ["--host", host, "--port", str(port)]

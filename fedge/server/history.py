@@ -9,43 +9,46 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 
-NUM_EXAMPLES = "num-examples"
+from fedge.data.divergence import label_skew
+from fedge.errors import ConfigError
+from fedge.files import atomic_write_bytes
+from fedge.server.observer import RoundReplies
+from fedge.wire import (
+    DEVICE_SECONDS,
+    EXAMPLES_SEEN,
+    FIRST_COMPUTE_SECONDS,
+    METRICS,
+    NUM_EXAMPLES,
+    PEAK_RSS_MB,
+    STOPPED_EARLY,
+    TRAIN_LOSS,
+    TRAIN_SECONDS,
+    UPDATE_BYTES,
+    UPLOAD_SECONDS,
+    WAIT_SECONDS,
+    number,
+)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, float]], int]:
+def _metrics(replies: Iterable[Message]) -> tuple[list[dict[str, Any]], int]:
     """Metric dicts of the successful replies, and the number of failed ones."""
     ok, failed = [], 0
     for msg in replies:
-        if msg.has_error() or "metrics" not in msg.content.metric_records:
+        if msg.has_error() or METRICS not in msg.content.metric_records:
             failed += 1
         else:
-            ok.append(dict(msg.content.metric_records["metrics"]))
+            ok.append(dict(msg.content.metric_records[METRICS]))
     return ok, failed
 
 
-def _weighted(rows: list[dict[str, float]], key: str) -> float:
+def _weighted(rows: list[dict[str, Any]], key: str) -> float:
     total = sum(r.get(NUM_EXAMPLES, 0) for r in rows if key in r)
     if total <= 0:
         return math.nan
@@ -68,35 +71,35 @@ def summarize_train(replies: Iterable[Message]) -> dict[str, Any]:
     }
     if not rows:
         return out
-    seconds = [r.get("train_seconds", 0.0) for r in rows]
+    seconds = [r.get(TRAIN_SECONDS, 0.0) for r in rows]
     out.update(
-        train_loss=_weighted(rows, "train_loss"),
+        train_loss=_weighted(rows, TRAIN_LOSS),
         train_seconds_mean=sum(seconds) / len(seconds),
         train_seconds_max=max(seconds),
-        peak_rss_mb_max=max(r.get("peak_rss_mb", 0.0) for r in rows),
-        examples_seen=int(sum(r.get("examples_seen", 0) for r in rows)),
-        update_bytes=int(sum(r.get("update_bytes", 0) for r in rows)),
-        update_bytes_mean=sum(r.get("update_bytes", 0) for r in rows) / len(rows),
-        stopped_early=int(sum(r.get("stopped_early", 0) for r in rows)),
+        peak_rss_mb_max=max(r.get(PEAK_RSS_MB, 0.0) for r in rows),
+        examples_seen=int(sum(r.get(EXAMPLES_SEEN, 0) for r in rows)),
+        update_bytes=int(sum(r.get(UPDATE_BYTES, 0) for r in rows)),
+        update_bytes_mean=sum(r.get(UPDATE_BYTES, 0) for r in rows) / len(rows),
+        stopped_early=int(sum(r.get(STOPPED_EARLY, 0) for r in rows)),
     )
     out.update(device_times(replies))
     return out
 
 
-DEVICE_TIMES = ("wait_seconds", "first_compute_seconds", "upload_seconds")
+DEVICE_TIMES = (WAIT_SECONDS, FIRST_COMPUTE_SECONDS, UPLOAD_SECONDS)
 
 
 def device_times(replies: list[Message]) -> dict[str, Any]:
     """Where a device's time went (means and maxima of `DEVICE_TIMES`), and
     `device_seconds_max` with its `slowest_node`: the device that held the round up."""
-    ok = [m for m in replies if not m.has_error() and "metrics" in m.content.metric_records]
-    rows = [(m.metadata.src_node_id, m.content.metric_records["metrics"]) for m in ok]
+    ok = [m for m in replies if not m.has_error() and METRICS in m.content.metric_records]
+    rows = [(m.metadata.src_node_id, m.content.metric_records[METRICS]) for m in ok]
     out: dict[str, Any] = {}
     for key in DEVICE_TIMES:
-        values = [float(r[key]) for _, r in rows if key in r]
+        values = [number(r, key) for _, r in rows if key in r]
         if values:
             out[f"{key}_mean"], out[f"{key}_max"] = sum(values) / len(values), max(values)
-    timed = [(float(r["device_seconds"]), node) for node, r in rows if "device_seconds" in r]
+    timed = [(number(r, DEVICE_SECONDS), node) for node, r in rows if DEVICE_SECONDS in r]
     if timed:
         out["device_seconds_max"], out["slowest_node"] = max(timed)
     return out
@@ -121,10 +124,41 @@ def _clean(value: Any) -> Any:
 class History:
     """The run's per-round records, persisted into `out` after each round."""
 
-    def __init__(self, out: str | Path, metric: str = "accuracy") -> None:
+    def __init__(
+        self, out: str | Path, metric: str = "accuracy", labels: np.ndarray | None = None
+    ) -> None:
         self.out = Path(out)
         self.metric = metric
         self.records: list[dict[str, Any]] = []
+        # the server's label distribution: the reference of devices that report label counts
+        self.reference = np.bincount(labels) / len(labels) if labels is not None else None
+
+    def round_record(
+        self,
+        server_round: int,
+        central: Mapping[str, Any],
+        replies: RoundReplies,
+        extra: dict[str, Any],
+        seconds: float,
+    ) -> dict[str, Any]:
+        """One round's record: the central metrics, the clients' device metrics and
+        failures (a node that never answered failed too), label skew, rejections and drift,
+        `extra` (privacy spent, divergence), federated evaluation and the round's seconds."""
+        train = summarize_train(replies.train)
+        train["failures"] += replies.unanswered
+        if replies.unanswered:
+            train["failure_reasons"].append(f"{replies.unanswered} node(s) never answered")
+        return {
+            "round": server_round,
+            **central,
+            **train,
+            **label_skew(replies.train, self.reference),
+            "rejected": replies.rejected,
+            **replies.drift,
+            **extra,
+            **summarize_evaluate(replies.evaluate),
+            "seconds": seconds,
+        }
 
     def append(self, record: dict[str, Any]) -> None:
         self.records.append({k: _clean(v) for k, v in record.items()})
@@ -168,4 +202,4 @@ def load_history(out: str | Path) -> list[dict[str, Any]]:
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} does not exist: did the run finish a round?") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path} is damaged ({exc}); rerun or restore it") from None
+        raise ConfigError(f"{path} is damaged ({exc}); rerun or restore it") from None

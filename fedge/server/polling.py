@@ -19,19 +19,20 @@ from flwr.serverapp import Grid
 
 from fedge import compat
 from fedge.edge.poll import Backoff
+from fedge.wire import DEVICE_SECONDS, METRICS, UPLOAD_SECONDS
 
 
 def stamp_delivery(reply: Message, sent_at: float | None) -> None:
     """Add to a reply's metrics, as it arrives: `upload_seconds` (from the reply's making
     on the device to its arrival here) and `device_seconds` (from the instruction's making
     here to its reply's arrival: what this device added to the round)."""
-    if reply.has_error() or "metrics" not in reply.content.metric_records:
+    if reply.has_error() or METRICS not in reply.content.metric_records:
         return
     now = time.time()
-    metrics = reply.content.metric_records["metrics"]
-    metrics["upload_seconds"] = max(0.0, now - reply.metadata.created_at)
+    metrics = reply.content.metric_records[METRICS]
+    metrics[UPLOAD_SECONDS] = max(0.0, now - reply.metadata.created_at)
     if sent_at is not None:
-        metrics["device_seconds"] = now - sent_at
+        metrics[DEVICE_SECONDS] = now - sent_at
 
 
 class PromptGrid(Grid):
@@ -46,7 +47,7 @@ class PromptGrid(Grid):
         self.grid.set_run(run)
 
     @property
-    def run(self) -> Any:  # type: ignore[override]
+    def run(self) -> Any:
         return self.grid.run
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:

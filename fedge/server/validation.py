@@ -12,9 +12,8 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from fedge.server.divergence import relative_distance
-
-MODEL_RECORD = "arrays"
+from fedge.data.stats import relative_distance
+from fedge.wire import ARRAYS
 
 
 def check_arrays(arrays: ArrayRecord, reference: ArrayRecord) -> str | None:
@@ -64,16 +63,16 @@ def check_update(
     """
     if reply.has_error():
         return None, None  # already a failure
-    if MODEL_RECORD not in reply.content.array_records:
-        return f"the reply has no {MODEL_RECORD!r} ArrayRecord", None
-    reason = check_arrays(reply.content.array_records[MODEL_RECORD], reference)
+    if ARRAYS not in reply.content.array_records:
+        return f"the reply has no {ARRAYS!r} ArrayRecord", None
+    reason = check_arrays(reply.content.array_records[ARRAYS], reference)
     if reason:
         return reason, None
     for name, record in reply.content.array_records.items():
         values, reason = decode_finite(record)
         if reason:
             return reason, None
-        if name == MODEL_RECORD:
+        if name == ARRAYS:
             model = values
     drift = relative_distance(model, sent)
     if 0 < max_update_norm < drift:

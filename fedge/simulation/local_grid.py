@@ -15,15 +15,18 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
-from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
+from fedge.compat import (
+    ErrorCode,
+    Run,
+    assign_message_id,
+    claim_server_identity,
+    empty_run,
+    error_reply,
+)
+from fedge.wire import node_config
 
 NODE_ID_BASE = 100  # node ids 0 and 1 are reserved by Flower; partition i is node 100 + i
 log = logging.getLogger("fedge")
-
-
-def node_config(partition_id: int, num_partitions: int) -> dict[str, int]:
-    """What a SuperNode started with `--node-config` would carry."""
-    return {"partition-id": partition_id, "num-partitions": num_partitions}
 
 
 def call_client_app(app: ClientApp, message: Message, context: Context) -> Message:
@@ -44,15 +47,16 @@ class VirtualGrid(Grid):
 
     def __init__(self, num_nodes: int, run_id: int = 1) -> None:
         self.num_nodes = num_nodes
-        self.set_run(run_id)
+        self.set_run(empty_run(run_id))
 
-    def set_run(self, run_id: int) -> None:
-        self.run_id = run_id
-        claim_server_identity(run_id)
+    def set_run(self, run: Run) -> None:
+        self._run = run
+        self.run_id = run.run_id
+        claim_server_identity(run.run_id)
 
     @property
-    def run(self) -> int:  # type: ignore[override]
-        return self.run_id
+    def run(self) -> Run:
+        return self._run
 
     def create_message(
         self,

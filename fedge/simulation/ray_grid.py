@@ -31,7 +31,13 @@ import numpy as np
 import ray
 from flwr.app import Context, Message, RecordDict
 
-from fedge.compat import ErrorCode, assign_message_id, claim_server_identity, error_reply
+from fedge.compat import (
+    ErrorCode,
+    assign_message_id,
+    claim_server_identity,
+    error_reply,
+    set_message_id,
+)
 from fedge.plugins import load_object
 from fedge.simulation.local_grid import (
     NODE_ID_BASE,
@@ -131,7 +137,7 @@ class ClientWorker:
         The clients an actor serves share it: ClientApps read a message, never write it."""
         ref = boxed[0]  # boxed, so that Ray hands over the reference, not the object
         if self.content_id != ref.hex():
-            self.content = None  # drop the last round's copy before fetching this one
+            del self.content  # drop the last round's copy before fetching this one
             self.content = ray.get(ref)
             self.content_id = ref.hex()
         return self.content
@@ -143,7 +149,7 @@ class ClientWorker:
             msg = Message(
                 content, item.dst_node_id, item.message_type, ttl=item.ttl, group_id=item.group_id
             )
-            msg.metadata.__dict__["_message_id"] = item.message_id
+            set_message_id(msg, item.message_id)
             state = pickle.loads(item.state) if item.state else RecordDict()
             pid = item.dst_node_id - NODE_ID_BASE
             ctx = Context(
@@ -203,7 +209,9 @@ class RayGrid(VirtualGrid):
         return max(1, int(min(fits)) if fits else os.cpu_count() or 1)
 
     def _new_actor(self) -> Any:
-        return ClientWorker.options(num_cpus=self.client_cpus, num_gpus=self.client_gpus).remote(
+        options = {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus}
+        worker: Any = ClientWorker  # a Ray actor class: `options` and `remote` are Ray's
+        return worker.options(**options).remote(
             self.app_spec, self.run_id, self.num_nodes, int(max(1, self.client_cpus))
         )
 

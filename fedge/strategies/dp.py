@@ -13,13 +13,11 @@ import math
 
 import torch
 from flwr.serverapp.strategy import DifferentialPrivacyClientSideFixedClipping, Strategy
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
-from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-DP_WEIGHT = "dp-weight"  # the metric every DP client reports as 1: equal FedAvg weights
+from fedge.compat import NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from fedge.errors import ConfigError
 
-__all__ = ["DP_WEIGHT", "KEY_CLIPPING_NORM", "clip_update", "privacy_spent", "with_dp"]
+__all__ = ["clip_update", "privacy_spent", "with_dp"]
 
 
 def with_dp(
@@ -44,7 +42,7 @@ def with_dp(
             strategy, noise_multiplier, clipping_norm, num_sampled_clients, accountant=accountant
         )
     except ValueError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"differential privacy (--dp-noise) cannot wrap {type(strategy).__name__}: {exc} "
             "Use --strategy fedavg or fedprox."
         ) from None

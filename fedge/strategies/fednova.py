@@ -19,6 +19,7 @@ from torch import nn
 
 from fedge.strategies.registry import ClientAlgorithm
 from fedge.tasks import TrainConfig, TrainReport
+from fedge.wire import ALGORITHM, METRICS, number
 
 NORM = "fednova-a"  # the client's a_k, a metric of its reply
 
@@ -37,7 +38,7 @@ class FedNova(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["algorithm"] = "fednova"
+        config[ALGORITHM] = "fednova"
         self.current = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
@@ -46,18 +47,18 @@ class FedNova(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         valid, _ = self._check_and_log_replies(replies, is_train=True)
         contents: list[RecordDict] = [m.content for m in valid]
-        rows = [m.content["metrics"] for m in valid]
-        norms = [float(r[NORM]) for r in rows if float(r[NORM]) > 0]
+        rows = [m.content.metric_records[METRICS] for m in valid]
+        norms = [number(r, NORM) for r in rows if number(r, NORM) > 0]
         if not valid or len(norms) < len(rows):
             return super().aggregate_train(server_round, valid)  # nobody stepped: plain mean
-        n = np.array([float(r[self.weighted_by_key]) for r in rows])
+        n = np.array([number(r, self.weighted_by_key) for r in rows])
         p = n / n.sum()
         tau_eff = float(np.dot(p, norms))
         x = {k: v.numpy() for k, v in self.current.items()}
         new = {}
         for key, x_k in x.items():
             d = sum(
-                p_i * (x_k - c[self.arrayrecord_key][key].numpy()) / a_i
+                p_i * (x_k - c.array_records[self.arrayrecord_key][key].numpy()) / a_i
                 for p_i, a_i, c in zip(p, norms, contents, strict=True)
             )
             new[key] = (x_k - tau_eff * d).astype(x_k.dtype)

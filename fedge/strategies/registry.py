@@ -13,6 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
+from fedge.errors import ConfigError
 from fedge.plugins import load_object
 from fedge.tasks import TrainConfig, TrainReport
 
@@ -64,7 +65,7 @@ def client_algorithm(name: str) -> ClientAlgorithm | None:
     if not name:
         return None
     if name not in CLIENT_ALGORITHMS:
-        raise ValueError(
+        raise ConfigError(
             f"the server asked for client algorithm {name!r}; this client knows "
             f"{sorted(CLIENT_ALGORITHMS)}: update fedge on the client"
         )
@@ -78,13 +79,13 @@ def strategy_class(name: str) -> type[fl.Strategy]:
     elif ":" in name:
         cls = load_object(name)
     else:
-        raise ValueError(
+        raise ConfigError(
             f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or 'module:Class'"
         )
     if isinstance(cls, str):
         cls = load_object(cls)
     if not (isinstance(cls, type) and issubclass(cls, fl.Strategy)):
-        raise ValueError(f"{name!r} is not a flwr.serverapp.strategy.Strategy subclass")
+        raise ConfigError(f"{name!r} is not a flwr.serverapp.strategy.Strategy subclass")
     return cls
 
 
@@ -104,5 +105,8 @@ def build_strategy(
     unknown = [k for k in options if not takes_any and k not in params]
     if unknown:
         allowed = sorted(k for k in params if k != "self")
-        raise ValueError(f"strategy {name!r} has no option(s) {unknown}; allowed: {allowed}")
-    return cls(**kwargs)
+        raise ConfigError(f"strategy {name!r} has no option(s) {unknown}; allowed: {allowed}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:  # Flower checks its options' values
+        raise ConfigError(f"strategy {name!r}: {exc}") from exc

@@ -18,11 +18,12 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from torch import nn
 
+from fedge.compat import aggregate_arrayrecords
 from fedge.strategies.registry import ClientAlgorithm
 from fedge.tasks import TrainConfig, TrainReport
+from fedge.wire import ALGORITHM, METRICS
 
 CONTROL = "scaffold-c"  # the server's control variate, sent with each instruction
 CLIENT_CONTROL = "scaffold-ck"  # the client's control variate, kept in its node state
@@ -40,7 +41,7 @@ class Scaffold(FedAvg):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        config["algorithm"] = "scaffold"
+        config[ALGORITHM] = "scaffold"
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self.num_nodes = len(list(grid.get_node_ids()))
         if self.control is None:
@@ -59,8 +60,8 @@ class Scaffold(FedAvg):
         contents = [
             RecordDict(
                 {
-                    self.arrayrecord_key: m.content[self.arrayrecord_key],
-                    "metrics": m.content["metrics"],
+                    self.arrayrecord_key: m.content.array_records[self.arrayrecord_key],
+                    "metrics": m.content.metric_records[METRICS],
                 }
             )
             for m in valid
@@ -69,7 +70,7 @@ class Scaffold(FedAvg):
         assert self.control is not None
         scale = len(valid) / max(self.num_nodes, len(valid)) / len(valid)
         for m in valid:
-            for key, value in m.content[DELTA].items():
+            for key, value in m.content.array_records[DELTA].items():
                 self.control[key] = self.control[key] + scale * value.numpy()
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -81,10 +82,10 @@ class ScaffoldClient(ClientAlgorithm):
         self, model: nn.Module, content: RecordDict, state: RecordDict, cfg: TrainConfig
     ) -> None:
         params = {k: p for k, p in model.named_parameters() if p.requires_grad}
-        server = content[CONTROL]
+        server = content.array_records[CONTROL]
         self.old = {k: torch.from_numpy(server[k].numpy()).zero_() for k in params}
         if CLIENT_CONTROL in state:
-            stored = state[CLIENT_CONTROL]
+            stored = state.array_records[CLIENT_CONTROL]
             self.old = {k: torch.from_numpy(stored[k].numpy().copy()) for k in params}
         correction = {k: torch.from_numpy(server[k].numpy()) - self.old[k] for k in params}
         self.grad_sum = {k: torch.zeros_like(p) for k, p in params.items()}

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -79,7 +79,7 @@ class Task(ABC):
         if options:
             raise ValueError(
                 f"task {self.name!r} got unknown options {sorted(options)}; "
-                "remove them from [task.options]"
+                "remove them from [task_options]"
             )
 
     # --- model and data -------------------------------------------------------------
@@ -158,6 +158,13 @@ def classification_sums(logits: torch.Tensor, labels: torch.Tensor) -> dict[str,
     }
 
 
+def num_samples(data: Dataset) -> int:
+    """The number of samples of a Task's dataset (every dataset a Task returns has a length)."""
+    if not isinstance(data, Sized):
+        raise TypeError(f"{type(data).__name__} has no length; a Task's datasets must have one")
+    return len(data)
+
+
 def exchanged_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """What clients and server exchange: the state_dict without frozen parameters.
 
@@ -196,7 +203,8 @@ def batch_size_of(batch: Batch) -> int:
 def proximal_term(model: nn.Module, anchor: Iterable[torch.Tensor], mu: float) -> torch.Tensor:
     """FedProx: mu/2 * ||w - w_global||^2 over trainable parameters."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return 0.5 * mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    squares = (((p - a) ** 2).sum() for p, a in zip(params, anchor, strict=True))
+    return 0.5 * mu * sum(squares, torch.zeros(()))
 
 
 def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) -> TrainReport:

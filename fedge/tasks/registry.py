@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fedge.errors import ConfigError
 from fedge.plugins import load_object
 from fedge.tasks.base import Task
 
@@ -21,13 +22,20 @@ def task_class(name: str) -> type[Task]:
     """The Task class registered under `name`, or imported from `module:Class`."""
     spec = TASKS.get(name, name)
     if ":" not in spec:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or 'module:Class'")
+        raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or 'module:Class'")
     cls = load_object(spec)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
-        raise ValueError(f"{spec!r} is not a fedge.tasks.Task subclass")
+        raise ConfigError(f"{spec!r} is not a fedge.tasks.Task subclass")
     return cls
 
 
 def build_task(name: str, data_dir: str | None = None, seed: int = 0, **options: Any) -> Task:
-    """Instantiate a task by name with its options."""
-    return task_class(name)(data_dir=data_dir, seed=seed, **options)
+    """Instantiate a task by name with its options; a task rejects bad options or a bad data
+    folder with ValueError, which becomes a ConfigError naming the task."""
+    cls = task_class(name)
+    try:
+        return cls(data_dir=data_dir, seed=seed, **options)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:  # TypeError: an option the task does not take
+        raise ConfigError(f"task {name}: {exc}") from exc

@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-from runkit import small_run
 
 from fedge.simulation import simulate
 
@@ -21,7 +20,7 @@ from fedge.simulation import simulate
         ("scale", "update norm"),
     ],
 )
-def test_bad_update_is_rejected_and_the_run_learns(tmp_path, fault, reason):
+def test_bad_update_is_rejected_and_the_run_learns(tmp_path, fault, reason, small_run):
     history = simulate(small_run(tmp_path / fault, faults=f"{fault}:0.25"))
     for record in history:
         assert record["rejected"] == 1 and record["failures"] == 1

@@ -2,7 +2,6 @@
 mid-round, a client slower than the round timeout, a client that raises."""
 
 import pytest
-from runkit import small_run
 
 from fedge.simulation import simulate
 
@@ -16,11 +15,13 @@ def ray_session():
     ray.shutdown()
 
 
-def ray_run(out, **kw):
-    return small_run(out, backend="ray", client_cpus=0.5, **kw)
+@pytest.fixture
+def ray_run(small_run):
+    """A small run on the Ray backend, half a CPU a client."""
+    return lambda out, **kw: small_run(out, backend="ray", client_cpus=0.5, **kw)
 
 
-def test_killed_client_process_does_not_stop_the_run(tmp_path):
+def test_killed_client_process_does_not_stop_the_run(tmp_path, ray_run):
     history = simulate(ray_run(tmp_path, num_clients=4, rounds=2, faults="exit:0.25"))
     assert [r["round"] for r in history] == [1, 2]
     for record in history:
@@ -30,7 +31,7 @@ def test_killed_client_process_does_not_stop_the_run(tmp_path):
     assert history[-1]["accuracy"] > 0.5
 
 
-def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
+def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path, ray_run):
     history = simulate(
         ray_run(tmp_path, num_clients=4, rounds=2, faults="slow=90:0.25", round_timeout=30)
     )
@@ -41,7 +42,7 @@ def test_slow_client_is_cut_off_by_the_round_timeout(tmp_path):
     assert history[-1]["accuracy"] > 0.5
 
 
-def test_raising_client_is_a_failure_not_a_crash(tmp_path):
+def test_raising_client_is_a_failure_not_a_crash(tmp_path, small_run):
     history = simulate(small_run(tmp_path, num_clients=4, rounds=2, faults="crash:0.25"))
     assert [r["failures"] for r in history] == [1, 1]
     assert all("simulated client crash" in r["failure_reasons"][0] for r in history)

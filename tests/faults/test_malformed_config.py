@@ -4,7 +4,6 @@ wrong, before touching anything; a bad flag on `--resume` leaves the run's files
 import subprocess
 
 from faultkit import fedge_command
-from runkit import small_run
 
 from fedge.cli import main
 from fedge.simulation import simulate
@@ -26,7 +25,7 @@ def test_bad_toml_and_bad_values_exit_2_with_one_line(tmp_path, capsys):
     assert not (tmp_path / "never").exists()
 
 
-def test_bad_flag_on_resume_loses_nothing(tmp_path, capsys):
+def test_bad_flag_on_resume_loses_nothing(tmp_path, capsys, small_run):
     out = tmp_path / "run"
     simulate(small_run(out, rounds=1))
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}

@@ -7,7 +7,6 @@ import time
 
 import torch
 from faultkit import fedge_command, rounds_of
-from runkit import small_run
 
 from fedge.cli import main
 from fedge.simulation import simulate
@@ -15,7 +14,7 @@ from fedge.simulation import simulate
 ARGS = dict(num_clients=3, rounds=4, strategy="fedadam")
 
 
-def test_kill_9_then_resume_holds_every_round_once(tmp_path, processes):
+def test_kill_9_then_resume_holds_every_round_once(tmp_path, processes, small_run):
     killed = tmp_path / "killed"
     flags = ["--backend", "local", "--num-clients", "3", "--rounds", "4", "--strategy", "fedadam"]
     flags += ["--local-epochs", "1", "--eval-fraction", "0", "--task-option", "model=mlp"]

@@ -2,13 +2,12 @@
 
 import torch
 from faultkit import rounds_of
-from runkit import small_run
 
 from fedge.cli import main
 from fedge.simulation import simulate
 
 
-def test_resume_skips_a_truncated_checkpoint(tmp_path, capsys):
+def test_resume_skips_a_truncated_checkpoint(tmp_path, capsys, small_run):
     out = tmp_path / "run"
     simulate(small_run(out, rounds=3))
     newest = out / "checkpoints" / "round_003.pt"
@@ -23,7 +22,7 @@ def test_resume_skips_a_truncated_checkpoint(tmp_path, capsys):
     assert set(restored) == set(torch.load(out / "checkpoints" / "round_002.pt"))
 
 
-def test_resume_of_a_finished_run_changes_nothing(tmp_path):
+def test_resume_of_a_finished_run_changes_nothing(tmp_path, small_run):
     out = tmp_path / "run"
     simulate(small_run(out, rounds=2))
     before = (out / "history.json").read_bytes()

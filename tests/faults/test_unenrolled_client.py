@@ -1,5 +1,6 @@
 """Fault: a client whose key is not enrolled tries to join a TLS + SuperNode-auth server.
-It is refused, and both sides say why; the enrolled clients finish the run. Real processes on 127.0.0.1."""
+It is refused, and both sides say why; the enrolled clients finish the run. Real processes
+on 127.0.0.1."""
 
 import subprocess
 import time

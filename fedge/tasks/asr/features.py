@@ -64,6 +64,9 @@ def num_frames(num_samples: int, cfg: FeatureConfig) -> int:
 class LogMel(nn.Module):
     """Waveform (..., samples) in [-1, 1] -> log-mel features (..., frames, n_mels)."""
 
+    window: torch.Tensor  # buffers, registered in __init__
+    fb: torch.Tensor
+
     def __init__(self, cfg: FeatureConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or FeatureConfig()
@@ -92,8 +95,3 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         return torch.log(self.power_mel(wave) + self.cfg.log_floor)
-
-
-def log_mel(wave: torch.Tensor, cfg: FeatureConfig | None = None) -> torch.Tensor:
-    """Functional form of `LogMel`."""
-    return LogMel(cfg)(wave)

@@ -3,7 +3,7 @@ spotting (`kws`). Both train the streaming transformer of `model.py` on log-mel 
 synthetic espeak-ng speakers (or real folders from `data_dir`); the speaker of each sample is
 its natural group, so one speaker per client is natural non-IID data.
 
-Options (from `[task.options]` or `--task-option`): speakers (training speakers),
+Options (from `[task_options]` or `--task-option`): speakers (training speakers),
 test_speakers (held-out speakers), copies (augmented samples per speaker and text),
 d_model, n_layer, n_head, fold (folding attention), chunk, left_chunks, energy_reports
 (add the energy model's estimate to evaluation metrics).
@@ -48,7 +48,7 @@ def features_of(waves: list[np.ndarray], batch: int = 128) -> list[torch.Tensor]
     """Log-mel features of each waveform, computed in zero-padded batches of similar length
     (many tiny STFT calls are far slower than a few big ones) and cut back to each length."""
     logmel = LogMel()
-    out: list[torch.Tensor | None] = [None] * len(waves)
+    out = [torch.empty(0)] * len(waves)  # every entry is replaced below
     order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     with torch.no_grad():
         for start in range(0, len(order), batch):

@@ -275,7 +275,9 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         with Image.open(self.pairs[i][1]) as im:
-            raw = np.asarray(im.resize((self.size, self.size), Image.NEAREST)).astype(np.int64)
+            raw = np.asarray(im.resize((self.size, self.size), Image.Resampling.NEAREST)).astype(
+                np.int64
+            )
         if raw.ndim != 2:
             raise ValueError(f"mask {self.pairs[i][1]} is not single-channel")
         if self.layout == "ade20k":
@@ -293,7 +295,7 @@ class SegmentationFolder(Dataset):
         from PIL import Image
 
         with Image.open(self.pairs[i][0]) as im:
-            rgb = im.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+            rgb = im.convert("RGB").resize((self.size, self.size), Image.Resampling.BILINEAR)
         image = np.asarray(rgb).transpose(2, 0, 1).copy()
         return normalise(image), torch.from_numpy(self.read_mask(i).astype(np.int64))
 

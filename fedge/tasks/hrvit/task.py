@@ -16,7 +16,13 @@ from torch import nn
 from torch.utils.data import Dataset, Subset
 
 from fedge.tasks.base import Batch, Task
-from fedge.tasks.hrvit.data import CLASSES, IGNORE, ProceduralScenes, SegmentationFolder
+from fedge.tasks.hrvit.data import (
+    CLASSES,
+    IGNORE,
+    ProceduralScenes,
+    SceneArrays,
+    SegmentationFolder,
+)
 from fedge.tasks.hrvit.model import CONFIGS, build_model
 
 TEST_START = 1_000_000  # procedural test scenes are numbered from here, apart from training
@@ -75,8 +81,12 @@ class HRViTTask(Task):
         self.config, self.image_size = config, int(image_size)
         self._groups: np.ndarray | None = None
         if data_dir:
-            self._train = SegmentationFolder(data_dir, "train", self.image_size, int(num_images))
-            self._test = SegmentationFolder(data_dir, "test", self.image_size, int(num_test_images))
+            self._train: SegmentationFolder | SceneArrays = SegmentationFolder(
+                data_dir, "train", self.image_size, int(num_images)
+            )
+            self._test: SegmentationFolder | SceneArrays = SegmentationFolder(
+                data_dir, "test", self.image_size, int(num_test_images)
+            )
             self.num_classes = self._train.num_classes
             self._labels: np.ndarray | None = None  # read lazily: it scans every mask
         else:
@@ -103,7 +113,8 @@ class HRViTTask(Task):
 
     def train_labels(self) -> np.ndarray:
         """Each training image's dominant class (the most frequent non-background class)."""
-        if self._labels is None:
+        if self._labels is None:  # only folders read their labels lazily
+            assert isinstance(self._train, SegmentationFolder)
             self._labels = self._train.dominant_classes()
         return self._labels
 

@@ -125,7 +125,7 @@ def early_exit_loss(
 ) -> Tensor:
     """sum_l w_l CE(exit(h_l), y) / sum_l w_l over the layers in `hidden`."""
     total = sum(weights[layer] for layer in hidden)
-    loss = 0.0
+    loss = torch.zeros((), device=targets.device)
     for layer, h in hidden.items():
         ce = F.cross_entropy(model.logits(h).flatten(0, 1), targets.flatten())
         loss = loss + weights[layer] / total * ce

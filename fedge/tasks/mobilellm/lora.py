@@ -19,6 +19,11 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 class LoRALinear(nn.Module):
     """A bias-free linear layer with a frozen weight and a trainable low-rank update."""
 
+    weight: nn.Parameter
+    lora_a: nn.Parameter
+    lora_b: nn.Parameter
+    scale: float
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
         super().__init__()
         if base.bias is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -126,7 +126,7 @@ class MobileLLMTask(Task):
         x, y = batch
         if model.training and self.layerskip.active:
             self.step += 1
-            return layerskip_loss(model, x, y, self.layerskip, self.step - 1)
+            return layerskip_loss(cast(Transformer, model), x, y, self.layerskip, self.step - 1)
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
 
     def eval_sums(self, model: nn.Module, batch: Batch) -> dict[str, float]:
