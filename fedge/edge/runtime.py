@@ -137,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--torch-threads {args.torch_threads}: must be >= 1")
     if os.getcwd() not in sys.path:  # `module:Class` tasks resolve from here, as in the CLI
         sys.path.insert(0, os.getcwd())
+    compat.patch_object_pulls("flwr.supernode.runtime.run_clientapp")
+    args.state_dir.mkdir(parents=True, exist_ok=True)
+    runtime = Runtime(args.runtime_api, args.state_dir)
+    runtime.recover()  # before the imports below: the server hears of a crash at once
     import torch
 
     torch.set_num_threads(args.torch_threads)
@@ -148,11 +152,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, ImportError) as exc:
         say(f"error: {exc}")
         return FATAL
-
-    compat.patch_object_pulls("flwr.supernode.runtime.run_clientapp")
-    args.state_dir.mkdir(parents=True, exist_ok=True)
-    runtime = Runtime(args.runtime_api, args.state_dir)
-    runtime.recover()
     if token := os.environ.pop(TOKEN_ENV, ""):
         runtime.handle(int(os.environ.pop(RUN_ENV)), token)
     try:

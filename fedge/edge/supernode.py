@@ -14,9 +14,14 @@ IDLE = Backoff(low=0.01, high=0.25, factor=1.25)
 REPLY_POLL = 0.005
 
 
-def main() -> None:
+def prepare() -> None:
+    """Patch this process's Flower SuperNode as the module docstring says."""
     compat.patch_supernode_sleeps(IDLE.wait, IDLE.reset, reply_poll=REPLY_POLL)
     compat.patch_object_pulls("flwr.supernode.start_client_internal")
+
+
+def main() -> None:
+    prepare()
     from flwr.supernode.cli import flower_supernode
 
     flower_supernode()

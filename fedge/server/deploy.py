@@ -136,7 +136,8 @@ def serve(
     out = cfg_path.parent
     cmd = superlink_command(host, port, tls_dir, auth, out / "state" / "superlink.db")
     (out / "state").mkdir(exist_ok=True)
-    env = {"FLWR_HOME": str(flwr_home)}
+    # the SuperLink's SuperExec looks for the ServerApp task every 0.1 s (Flower: 1 s)
+    env = {"FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
     superlink = start(cmd, log=out / "superlink.log", env=env)
     done = threading.Event()
     threading.Thread(target=echo_refusals, args=(out / "superlink.log", done), daemon=True).start()
