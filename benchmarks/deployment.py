@@ -4,9 +4,11 @@ simulated round of the same run.
 The same run (digits, N devices, 5 rounds, federated evaluation on every device) three ways,
 in one go on one machine: `fedge server` + N `fedge client --isolation subprocess` (Flower's
 SuperNode, one `flwr-clientapp` process per message, default settings); `fedge server` + N
-`fedge client` (fedge's runtime); `fedge run` (the simulation). A sampler reads /proc every
-0.2 s: each device's resident memory (all processes of its session summed; the peak is the
-device's peak) and its CPU seconds (processes that live under 0.2 s may be missed).
+`fedge client` (fedge's runtime); `fedge run` (the simulation, with the runtime's default
+torch thread count, as the devices have). A sampler reads /proc every 0.2 s: each device's
+resident memory (its process and all descendants summed; the peak is the device's peak) and
+its CPU seconds (processes that live under 0.2 s may be missed). Both deployed runs use
+`fedge server` (its grid polls without Flower's 3 s sleeps): they differ in the devices only.
 
     python benchmarks/deployment.py                  # 3 and 10 devices
     python benchmarks/deployment.py --devices 3 --rounds 3
@@ -23,6 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedge.edge.device import default_torch_threads
 from fedge.processes import free_port, start, stop
 
 FEDGE = [sys.executable, "-m", "fedge.cli"]
@@ -122,7 +125,9 @@ def deployed(isolation: str, devices: int, rounds: int, out: Path) -> dict[str, 
 
 def simulated(devices: int, rounds: int, out: Path) -> dict[str, Any]:
     cmd = [*FEDGE, "run", *run_flags(devices, rounds), "--backend", "local", "--out", str(out)]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    # one torch thread, as each runtime has by default on 2 cores (`--torch-threads`)
+    env = {**os.environ, "OMP_NUM_THREADS": str(default_torch_threads())}
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
     return {"history": json.loads((out / "history.json").read_text())}
 
 
@@ -173,9 +178,9 @@ def main() -> None:
     print(header + "\n|" + "---|" * 13, flush=True)
     for n in args.devices:
         base = Path(args.out) / f"{n}"
-        sim = simulated(n, args.rounds, base / "simulated")
-        stock = deployed("subprocess", n, args.rounds, base / "stock")
         fedge = deployed("runtime", n, args.rounds, base / "runtime")
+        stock = deployed("subprocess", n, args.rounds, base / "stock")
+        sim = simulated(n, args.rounds, base / "simulated")
         sim_s, stock_s = later(sim["history"], "seconds"), later(stock["history"], "seconds")
         print(row("Flower stock SuperNodes", n, stock, None, sim_s), flush=True)
         print(row("fedge edge runtime", n, fedge, stock_s, sim_s), flush=True)
