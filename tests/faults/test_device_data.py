@@ -15,9 +15,10 @@ from test_digits import make_mnist_dir  # noqa: E402
 
 @pytest.mark.slow
 def test_device_trains_on_its_own_folder_and_a_broken_one_fails_with_its_reason(tmp_path, launch):
-    own = make_mnist_dir(tmp_path / "own", n_train=200, n_test=50, classes=5)  # digits 0-4
-    broken = tmp_path / "broken"
+    own, broken = tmp_path / "own", tmp_path / "broken"
+    own.mkdir()
     broken.mkdir()
+    make_mnist_dir(own, n_train=200, n_test=50, classes=5)  # digits 0-4 only
     (broken / "train-images-idx3-ubyte").write_bytes(b"not an idx file")
     port, out, logs = free_port(), tmp_path / "run", launch.logs
     flags = ["--num-clients", "2", "--rounds", "2", "--eval-fraction", "1"]
