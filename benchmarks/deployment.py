@@ -25,7 +25,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fedge.edge.device import default_torch_threads
+from fedge.edge.supervisor import default_torch_threads
 from fedge.processes import free_port, start, stop
 
 FEDGE = [sys.executable, "-m", "fedge.cli"]

@@ -47,6 +47,15 @@ def add_run_flags(parser: argparse.ArgumentParser, skip: frozenset[str] = frozen
                 metavar="KEY=VALUE",
                 help=f"{f.metadata['help']} (repeatable)",
             )
+        elif f.type == "bool":  # `--flag` alone means true; `--flag false` also works
+            parser.add_argument(
+                flag,
+                dest=f.name,
+                nargs="?",
+                const="true",
+                metavar="BOOL",
+                help=f"{f.metadata['help']} [{default}]",
+            )
         else:
             parser.add_argument(
                 flag, dest=f.name, metavar=f.name.upper(), help=f"{f.metadata['help']} [{default}]"
@@ -220,8 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     pir = sub.add_parser("pir-server", help="serve one party of two-server private retrieval")
     pir.add_argument("--table", required=True, help="the embedding table, a .npy file")
     pir.add_argument("--party", type=int, choices=(0, 1), required=True)
-    pir.add_argument("--host", default="127.0.0.1")
-    pir.add_argument("--port", type=int, default=50051)
+    pir.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
+    pir.add_argument(
+        "--port", type=int, default=50051, help="port to listen on, 0 picks a free one [50051]"
+    )
     pir.set_defaults(func=cmd_pir_server)
     return parser
 

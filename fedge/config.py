@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
 from fedge.wire import CLIENT_DEFAULTS
 
 __all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
@@ -53,6 +53,9 @@ class RunConfig:
     max_train_seconds: float = opt(
         CLIENT_DEFAULTS.max_train_seconds, "per-round local training budget in seconds (0: none)"
     )
+    max_train_steps: int = opt(
+        CLIENT_DEFAULTS.max_train_steps, "per-round local training budget in steps (0: none)"
+    )
     eval_fraction: float = opt(0.5, "fraction of clients asked for federated evaluation (0: none)")
     round_timeout: float = opt(3600.0, "seconds the server waits for a round's replies")
     seed: int = opt(CLIENT_DEFAULTS.seed, "seed for model init, partitions and sampling")
@@ -83,6 +86,10 @@ class RunConfig:
     dp_clip: float = opt(1.0, "differential privacy: clipping norm of each client's update")
     dp_delta: float = opt(1e-5, "differential privacy: the delta that epsilon is reported at")
     resume: bool = opt(False, "continue the run in `out` from its last intact round")
+    overwrite: bool = opt(False, "clear a non-empty `out` first (else only `resume` may reuse it)")
+    max_failed_rounds: int = opt(
+        3, "stop after this many rounds in a row that aggregated no update (0: never stop)"
+    )
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt(CLIENT_DEFAULTS.device, "torch device for training: cpu, cuda, or auto")
 
@@ -95,7 +102,10 @@ class RunConfig:
         for key, value in values.items():
             name = key.replace("-", "_")
             if name not in known:
-                raise ConfigError(f"{key}: unknown field; known fields: {', '.join(known)}")
+                raise ConfigError(
+                    f"{key}: unknown field{did_you_mean(name, known)}; "
+                    f"known fields: {', '.join(known)}"
+                )
             kwargs[name] = _coerce(name, known[name].type, value)
         cfg = cls(**kwargs)
         cfg.validate()
@@ -133,6 +143,7 @@ class RunConfig:
         _check(
             self.max_train_seconds >= 0, "max_train_seconds", "must be >= 0", self.max_train_seconds
         )
+        _check(self.max_train_steps >= 0, "max_train_steps", "must be >= 0", self.max_train_steps)
         _check(
             0 <= self.eval_fraction <= 1, "eval_fraction", "must be in [0, 1]", self.eval_fraction
         )
@@ -175,6 +186,15 @@ class RunConfig:
         except ValueError as exc:
             raise ConfigError(f"faults: {exc}") from None
         _check(self.max_update_norm >= 0, "max_update_norm", "must be >= 0", self.max_update_norm)
+        _check(
+            self.max_failed_rounds >= 0, "max_failed_rounds", "must be >= 0", self.max_failed_rounds
+        )
+        _check(
+            not (self.resume and self.overwrite),
+            "overwrite",
+            "cannot be combined with resume (it would delete the run being resumed)",
+            self.overwrite,
+        )
         _check(self.dp_noise >= 0, "dp_noise", "must be >= 0", self.dp_noise)
         _check(self.dp_clip > 0, "dp_clip", "must be > 0", self.dp_clip)
         _check(0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)", self.dp_delta)
@@ -221,6 +241,8 @@ SERVER_FIELDS = frozenset(
         "dp_clip",
         "dp_delta",
         "resume",
+        "overwrite",
+        "max_failed_rounds",
         "out",
     }
 )

@@ -1,4 +1,5 @@
-"""Files a run writes so that a reader, or a resumed run, never sees half of one."""
+"""Files fedge writes: atomically, so that a reader (or a resumed run) never sees half of one,
+and into one cache folder for data it parses or synthesises once (`cache_dir`)."""
 
 from __future__ import annotations
 
@@ -20,3 +21,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def cache_dir(*parts: str) -> Path:
+    """fedge's cache: $FEDGE_CACHE_DIR, else $XDG_CACHE_HOME/fedge, else ~/.cache/fedge."""
+    root = os.environ.get("FEDGE_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedge"
+    )
+    return Path(root, *parts)

@@ -1,16 +1,29 @@
-"""Starting, watching and stopping the Flower processes fedge runs for the user."""
+"""Starting, watching and stopping child processes: the Flower processes fedge runs for the
+user, `fedge` commands run by this Python, and servers that announce themselves on stdout
+(`ReadyProcess`, e.g. two `fedge pir-server` parties: `PIRServerProcess`)."""
 
 from __future__ import annotations
 
 import ctypes
 import os
+import selectors
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import IO
+
+
+def fedge_command(*args: str) -> list[str]:
+    """`fedge ARGS` as a command line for this Python (`python -m fedge.cli`): a child runs the
+    fedge this process imports, whichever `fedge` script is first on PATH."""
+    return [sys.executable, "-m", "fedge.cli", *args]
 
 
 def flower_tool(name: str) -> str:
@@ -38,6 +51,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Raise OSError naming the port if something already listens on host:port (a second
+    server would otherwise fail in its log while clients reach the first)."""
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise OSError(
+                f"port {port} on {host} is in use ({exc.strerror}); stop what listens there "
+                "or choose another --port"
+            ) from None
+
+
 def wait_for_port(
     host: str, port: int, timeout: float, proc: subprocess.Popen | None = None
 ) -> None:
@@ -54,7 +80,7 @@ def wait_for_port(
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f} s")
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the child gets SIGKILL when its parent dies, even by `kill -9`, so a killed
     `fedge server` leaves no SuperLink holding its port (PR_SET_PDEATHSIG = 1)."""
     if sys.platform.startswith("linux"):
@@ -69,15 +95,16 @@ def start(
 ) -> subprocess.Popen:
     """Start a child in its own process group (so stop() also ends its children); its
     output goes to `log`, else to `output` (None: this process's stdout; PIPE: a pipe)."""
-    out = open(log, "ab") if log else output  # the child owns it: closed when it exits
-    return subprocess.Popen(
-        cmd,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-        env=tool_env(env),
-        start_new_session=True,
-        preexec_fn=_die_with_parent,
-    )
+    with ExitStack() as stack:  # the child keeps its own copy of the log file
+        out: IO[bytes] | int | None = stack.enter_context(open(log, "ab")) if log else output
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=tool_env(env),
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
 
 
 def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
@@ -96,3 +123,78 @@ def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     proc.wait()
+
+
+class ReadyProcess:
+    """A child that says it is ready with one line on stdout (a server's "listening on ...").
+    Its stderr goes to a temporary file, so a chatty child never blocks on a full pipe and a
+    failed start can say why; `stop` signals the child's own PID only."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str] | None = None):
+        self._err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self._err, text=True, env=env
+        )
+
+    def ready_line(self, prefix: str, timeout: float = 120.0) -> str:
+        """The rest of the child's first line, which must start with `prefix`; otherwise the
+        child is stopped and RuntimeError carries that line and its error output."""
+        assert self.proc.stdout is not None  # Popen(stdout=PIPE)
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            line = self.proc.stdout.readline() if sel.select(timeout) else ""
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+        self._end(10.0)  # before reading its error output, which stop() then closes
+        self._err.seek(0)
+        why = self._err.read().decode(errors="replace").strip()
+        self.stop()
+        raise RuntimeError(f"{line.strip()} {why or f'no answer within {timeout:g} s'}".strip())
+
+    def _end(self, timeout: float) -> None:
+        """SIGTERM, then SIGKILL after `timeout` s; the files stay open."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM to the child's PID (SIGKILL if it lingers past `timeout`); its exit status."""
+        self._end(timeout)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._err.close()
+        return self.proc.returncode
+
+
+class PIRServerProcess(ReadyProcess):
+    """One PIR party as a real `fedge pir-server` process on a free port of `host`."""
+
+    def __init__(self, table_path: str | Path, party: int, host: str = "127.0.0.1"):
+        self.party = party
+        cmd = fedge_command("pir-server", "--table", str(table_path), "--party", str(party))
+        super().__init__([*cmd, "--host", host, "--port", "0"])
+
+    def address(self, timeout: float = 120.0) -> str:
+        """HOST:PORT once the server listens (it prints `pir-server party P listening on
+        HOST:PORT ...`); RuntimeError with its output if it does not start."""
+        try:
+            rest = self.ready_line(f"pir-server party {self.party} listening on ", timeout)
+        except RuntimeError as exc:
+            raise RuntimeError(f"pir-server party {self.party} did not start: {exc}") from None
+        return rest.split()[0]
+
+
+@contextmanager
+def pir_server_processes(table_path: str | Path, host: str = "127.0.0.1") -> Iterator[list[str]]:
+    """Both parties as real `fedge pir-server` processes serving one .npy table (started
+    together, stopped on exit from the block); yields their addresses [party 0, party 1]."""
+    with ExitStack() as stack:
+        servers = []
+        for party in (0, 1):
+            servers.append(PIRServerProcess(table_path, party, host))
+            stack.callback(servers[-1].stop)
+        yield [server.address() for server in servers]

@@ -39,6 +39,7 @@ NUM_PARTITIONS = "num-partitions"  # how many partitions the data is cut into
 NODE_TASK = "task"  # the task the device was started for (checked against the run's)
 NODE_DATA_DIR = "data-dir"  # the device's own dataset folder (wins over the run's)
 NODE_MAX_TRAIN_SECONDS = "max-train-seconds"  # the device's round budget (wins over the run's)
+NODE_MAX_TRAIN_STEPS = "max-train-steps"  # the device's step budget, e.g. its scheduler's grant
 NODE_FAULT = "fault"  # a fault this node simulates whatever the run says (KIND[=ARG])
 
 # --- metrics a client reports -----------------------------------------------------------
@@ -98,6 +99,7 @@ class ClientSpec:
     lr_decay: float = 1.0  # learning rate multiplier per round
     momentum: float = 0.9  # local SGD momentum
     max_train_seconds: float = 0.0  # per-round local training budget (0: none)
+    max_train_steps: int = 0  # per-round local training budget in SGD steps (0: none)
     device: str = "cpu"  # torch device: cpu, cuda, auto
     faults: str = ""  # simulated faults, KIND[=ARG]:FRACTION,... (fedge.faults)
 
@@ -116,7 +118,7 @@ class ClientSpec:
     @classmethod
     def from_record(cls, config: Mapping[str, Any], node_config: Mapping[str, Any]) -> ClientSpec:
         """Read an instruction's config; a missing key takes its default, the node's own
-        data folder and budget win, and a device started for another task is refused."""
+        data folder and budgets win, and a device started for another task is refused."""
         values: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             default = getattr(CLIENT_DEFAULTS, f.name)
@@ -131,6 +133,8 @@ class ClientSpec:
             values["data_dir"] = str(node_config[NODE_DATA_DIR])
         if NODE_MAX_TRAIN_SECONDS in node_config:
             values["max_train_seconds"] = float(node_config[NODE_MAX_TRAIN_SECONDS])
+        if NODE_MAX_TRAIN_STEPS in node_config:
+            values["max_train_steps"] = int(node_config[NODE_MAX_TRAIN_STEPS])
         return cls(**values)
 
     def round_lr(self, server_round: int) -> float:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fedge.client.sdk import PrivateEmbeddingClient
-from fedge.privacy.service import server_processes
+from fedge.processes import pir_server_processes
 from fedge.tasks.mobilellm.model import CONFIGS, Transformer, build_model, num_parameters
 from fedge.tasks.mobilellm.model import perplexity as ppl
 from fedge.tasks.mobilellm.task import MobileLLMTask
@@ -113,7 +113,7 @@ def run(steps: int, tokens: int, seq_len: int, seed: int) -> dict:
         path = Path(tmp) / "embed_tokens.npy"
         np.save(path, table)
         start = time.perf_counter()
-        with server_processes(path) as addresses:
+        with pir_server_processes(path) as addresses:
             started = time.perf_counter() - start
             with PrivateEmbeddingClient(addresses) as client:
                 start = time.perf_counter()

@@ -2,6 +2,8 @@ import pytest
 
 from fedge.cli import main
 from fedge.config import ConfigError, RunConfig, parse_option
+from fedge.strategies import build_strategy
+from fedge.tasks import task_class
 
 
 def test_toml_values_and_flag_overrides(tmp_path):
@@ -68,3 +70,12 @@ def test_bad_input_is_one_line_but_a_bug_keeps_its_traceback(tmp_path, capsys, m
     monkeypatch.setattr("fedge.simulation.simulate", buggy)
     with pytest.raises(ValueError, match="a bug, not bad input"):
         cli.main(["run", "--out", out])
+
+
+def test_typos_get_a_suggestion():
+    with pytest.raises(ConfigError, match="did you mean 'num_clients'"):
+        RunConfig.from_mapping({"num_client": 3})
+    with pytest.raises(ConfigError, match="did you mean 'fedavg'"):
+        build_strategy("fedavgg", {}, {})
+    with pytest.raises(ConfigError, match="did you mean 'digits'"):
+        task_class("digit")

@@ -2,12 +2,11 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
-from fedge.processes import free_port, stop
+from fedge.processes import fedge_command, free_port, stop
 
-FEDGE = [sys.executable, "-m", "fedge.cli"]
+FEDGE = fedge_command()
 
 
 def test_server_and_three_client_processes_run_three_rounds(tmp_path):

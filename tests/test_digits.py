@@ -4,6 +4,7 @@ import struct
 import numpy as np
 import pytest
 
+from fedge.errors import ConfigError
 from fedge.tasks import TrainConfig, build_task
 from fedge.tasks.digits import read_idx
 
@@ -60,6 +61,15 @@ def test_idx_errors_are_clear(tmp_path):
         read_idx(short)
     with pytest.raises(FileNotFoundError, match="MNIST IDX files"):
         build_task("digits", data_dir=str(tmp_path / "empty"))
+    cut = tmp_path / "cut-idx"
+    cut.write_bytes(b"\x00\x00\x08\x03" + struct.pack(">I", 10))  # 3 dims, 1 given
+    with pytest.raises(ValueError, match="IDX header cut short"):
+        read_idx(cut)
+    (tmp_path / "labels").mkdir()
+    labels = make_mnist_dir(tmp_path / "labels") / "train-labels-idx1-ubyte"
+    write_idx(labels, np.full(60, 226))
+    with pytest.raises(ConfigError, match="labels must be digits 0-9, found 226"):
+        build_task("digits", data_dir=str(tmp_path / "labels"))
 
 
 def test_bundled_mnist_subset_trains_above_chance():

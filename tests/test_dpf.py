@@ -31,7 +31,7 @@ def test_leaf_values_in_registers_equal_the_cryptography_path(bits, monkeypatch)
     keys = dpf.gen_batch(alphas, bits)[0]
     paths = []
     for fused in [False] + [True] * dpf.VAES:
-        monkeypatch.setattr(dpf, "VAES", fused)
+        monkeypatch.setattr(dpf.expansion, "VAES", fused)
         paths.append(dpf.expand(keys))
         seeds, t = dpf.node_seeds(dpf.KeyBatch.of(keys), dpf.tree_depth(bits))
         paths.append(dpf.expand_below(dpf.KeyBatch.of(keys), seeds, t, dpf.tree_depth(bits)))
@@ -187,5 +187,5 @@ def test_expansion_in_key_groups_equals_one_group(monkeypatch):
     keys0, _ = dpf.gen_batch(np.arange(0, 2**13, 700), 13)
     whole = dpf.expand(keys0)
     per_key = 16 * dpf.LEAF_BLOCKS << dpf.tree_depth(13)  # the leaf blocks of one key
-    monkeypatch.setattr(dpf, "EXPAND_BUFFER_BYTES", 3 * per_key)  # groups of 3 keys
+    monkeypatch.setattr(dpf.expansion, "EXPAND_BUFFER_BYTES", 3 * per_key)  # groups of 3 keys
     assert np.array_equal(dpf.expand(keys0), whole)

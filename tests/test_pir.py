@@ -65,7 +65,7 @@ def test_exact_rows_for_any_shape_and_dtype(rows, row_shape, dtype, kernel):
 def test_batches_across_threads(batch, parallel, monkeypatch):
     """A table split between threads (or not), with a row count that is not a multiple of 64
     (the tail of the last chunk takes the mask loop)."""
-    monkeypatch.setattr(pir, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
+    monkeypatch.setattr(pir.layout, "PARALLEL_MIN_WORK", 0 if parallel else 1 << 62)
     rng = np.random.default_rng(batch)
     table = _table(rng, (1 << 15) + 37, (64,), np.uint8)
     indices = rng.integers(0, table.shape[0], batch)
@@ -110,8 +110,8 @@ def test_blocks_layout_holds_each_group_bit_matrix():
 def test_expansion_chunked_into_the_pass(chunk_bits, monkeypatch):
     """Chunks of one leaf (128 rows) or more, many per thread, the last one partial, and the
     chunks past the last row never expanded: still the exact rows."""
-    monkeypatch.setattr(pir, "CHUNK_BITS", chunk_bits)
-    monkeypatch.setattr(pir, "PARALLEL_MIN_WORK", 0)
+    monkeypatch.setattr(pir.layout, "CHUNK_BITS", chunk_bits)
+    monkeypatch.setattr(pir.layout, "PARALLEL_MIN_WORK", 0)
     rng = np.random.default_rng(chunk_bits)
     table = _table(rng, 5000, (3,), np.float32)
     indices = np.array([0, 4999, 127, 128, 4095, 4096, *rng.integers(0, 5000, 20)])

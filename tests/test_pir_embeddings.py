@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from fedge.privacy.dpf import key_size
-from fedge.privacy.service import _REQ, _RESP
+from fedge.privacy.service import REQUEST_HEADER, RESPONSE_HEADER
 
 
 def test_private_embeddings_give_the_local_perplexity(tmp_path):
@@ -25,7 +25,7 @@ def test_private_embeddings_give_the_local_perplexity(tmp_path):
     assert r["tokens"] == 128 and r["pir_queries"] == 128
     assert r["distinct_rows_per_window"] < 64
     # traffic: one request and one answer per server, key and row sizes as the protocol says
-    assert r["bytes_up"] == 2 * (_REQ.size + 128 * key_size(8))
-    assert r["bytes_down"] == 2 * (_RESP.size + 128 * r["row_bytes"])
+    assert r["bytes_up"] == 2 * (REQUEST_HEADER.size + 128 * key_size(8))
+    assert r["bytes_down"] == 2 * (RESPONSE_HEADER.size + 128 * r["row_bytes"])
     assert r["device_parameters"] == r["model_parameters"] - r["table_bytes"] // 4
     assert "bit-exact" in run.stdout

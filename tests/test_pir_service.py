@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from fedge.privacy.dpf import VERSION
-from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, ServerProcess, encode_request
+from fedge.privacy.service import SERVICE, PrivateEmbeddingClient, encode_request
+from fedge.processes import PIRServerProcess, fedge_command
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def servers(tmp_path_factory):
     procs = {}
     try:  # real `fedge pir-server` processes, started together
         for name, path, party in (("a", "table", 0), ("b", "table", 1), ("c", "other", 1)):
-            procs[name] = ServerProcess(root / f"{path}.npy", party)
+            procs[name] = PIRServerProcess(root / f"{path}.npy", party)
         yield table, {name: p.address() for name, p in procs.items()}, procs
     finally:
         for proc in procs.values():
@@ -97,8 +98,7 @@ def test_sigterm_stops_cleanly(servers):
 
 def test_missing_table_is_a_clear_error(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "fedge.privacy.service", "--table", str(tmp_path / "no.npy")]
-        + ["--party", "0"],
+        fedge_command("pir-server", "--table", str(tmp_path / "no.npy"), "--party", "0"),
         capture_output=True,
         text=True,
         timeout=60,
@@ -125,3 +125,10 @@ def test_serve_reports_its_port_to_ready_and_stops_on_sigint(tmp_path):
             proc.kill()
         proc.wait(timeout=10)
         proc.stdout.close()
+
+
+def test_server_process_that_does_not_start_says_why(tmp_path):
+    server = PIRServerProcess(tmp_path / "no.npy", 0)
+    with pytest.raises(RuntimeError, match="party 0 did not start: .*existing .npy file"):
+        server.address()
+    assert server.proc.poll() is not None  # stopped

@@ -14,12 +14,12 @@ import torch
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 
 from fedge.config import RunConfig
-from fedge.processes import free_port, stop, wait_for_port
+from fedge.processes import fedge_command, free_port, stop, wait_for_port
 from fedge.simulation import simulate
 from fedge.simulation.local_grid import NODE_ID_BASE
 from fedge.simulation.ray_grid import NodeStateStore, RayGrid, init_ray
 
-FEDGE = [sys.executable, "-m", "fedge.cli"]
+FEDGE = fedge_command()
 
 
 @pytest.fixture(scope="module", autouse=True)

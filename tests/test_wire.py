@@ -49,6 +49,7 @@ def test_every_client_facing_field_survives_the_round_trip():
         "lr_decay": 0.9,
         "momentum": 0.5,
         "max_train_seconds": 4.5,
+        "max_train_steps": 5,
         "device": "auto",
         "faults": "nan:0.1",
     }

@@ -145,6 +145,7 @@ def train_config(spec: ClientSpec, config: ConfigRecord, pid: int) -> TrainConfi
         lr=spec.round_lr(rnd),
         momentum=spec.momentum,
         max_seconds=spec.max_train_seconds,
+        max_steps=spec.max_train_steps,
         proximal_mu=number(config, PROXIMAL_MU, 0.0),
         seed=spec.seed * 1_000_003 + pid * 1009 + rnd,
     )
@@ -247,6 +248,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     entered = time.time()
     spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
+    if num_samples(eval_data) == 0:  # its partition is too small to hold data out
+        raise ValueError("this client holds no evaluation data (its partition has one sample)")
     model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     loaded, started = time.time(), time.perf_counter()
     result = task.evaluate(model, eval_data)

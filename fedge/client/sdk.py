@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import TYPE_CHECKING, Any
 
-from fedge.edge.device import default_torch_threads, device_command
+from fedge.edge.supervisor import default_torch_threads, device_command
 from fedge.errors import ConfigError
 from fedge.processes import flower_tool, free_port, tool_env
 from fedge.wire import (

@@ -1,147 +1,208 @@
-"""One device: a Flower SuperNode (`--isolation process`) plus fedge's warm runtime.
+"""A device as the on-device scheduler sees it: processing units, and for each model the
+latency and energy of one inference (or one training step) on each unit that can run it.
 
-`run_device` is what `fedge client` runs: it checks that the server answers (saying why not,
-retrying with a growing, printed backoff), starts the SuperNode (`fedge.edge.supernode`)
-and the runtime (`fedge.edge.runtime`), starts a new runtime whenever one dies, and stops
-both when it is stopped (SIGTERM, Ctrl-C) or when the SuperNode exits (then with its
-status). Both children die with it even on `kill -9` (see `fedge.processes.start`).
+`xr_device()` builds the device the XR simulations use: CPU cores like one of this machine's, where
+fedge's own models (keyword spotting, a streaming-ASR chunk, HRViT, a MobileLLM decode step)
+and the federated task's training step are measured (one torch thread, cached), and an
+XRBench-style accelerator for the models fedge does not have, costed from XRBench's layer
+tables (`fedge.edge.xrbench.XRBENCH_GMACS`) at a rate and energy per MAC calibrated on
+XRBench's published schedule (`XRbench_evaluation/eval_data/schedule/
+schedule_VR_gaming__Single_4K__WS.csv`: ES_RITNet 1.503 ms / 35.33 mJ, GE_FBNet_C 4.222 ms /
+34.92 mJ, HT_hand_graph_cnn_half 8.562 ms / 207.43 mJ for 7.016 GMACs: 0.491 GMAC/ms and
+39.6 mJ/GMAC on 4K PEs), doubled in rate for an 8K-PE unit (XRBench's Single_8K).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
-import ssl
-import subprocess
-import sys
-import tempfile
-import threading
-from collections.abc import Sequence
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 
-from fedge.processes import start, stop
+import torch
 
-REFUSED = "Failed to activate SuperNode"  # what Flower's SuperNode says when refused
-FATAL = 2  # a runtime exiting with this status cannot work (say, an unknown task): no restart
+from fedge.edge.xrbench import XRBENCH_GMACS
+from fedge.errors import ConfigError
+from fedge.files import cache_dir
 
+TRAIN_STEP = "train_step"  # the cost-table entry of one local-training step
 
-def default_torch_threads() -> int:
-    """Half the cores, at most 4, at least 1: devices sharing a machine do not fight."""
-    return max(1, min(4, (os.cpu_count() or 2) // 2))
-
-
-def say(text: str) -> None:
-    print(f"fedge client: {text}", flush=True)
+NPU_4K_GMAC_PER_MS = 7.016 / (1.503136 + 4.222037 + 8.561680)
+NPU_MJ_PER_GMAC = (35.329716 + 34.922195 + 207.433304) / 7.016
+CPU_CORE_WATTS = 2.0  # assumed active power of one core (mJ per ms = W); no meter here
 
 
-def probe(server: str, ca_cert: str | None, timeout: float = 3.0) -> str | None:
-    """Why a client cannot talk to `server` (HOST:PORT) the way it was told to, or None."""
-    host, _, port = server.rpartition(":")
-    try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout)
-    except OSError as exc:
-        return f"nothing answers there ({exc.strerror or exc})"
-    with sock:
-        if ca_cert:
-            context = ssl.create_default_context(cafile=ca_cert)
-            try:
-                with context.wrap_socket(sock, server_hostname=host):
-                    return None
-            except ssl.SSLError as exc:
-                return f"TLS handshake failed ({exc.reason}); does the server run with --tls?"
-            except OSError as exc:
-                return f"TLS handshake failed ({exc})"
+@dataclass(frozen=True)
+class Cost:
+    """One run of a model on a unit."""
+
+    latency_ms: float
+    energy_mj: float
+
+    def __post_init__(self) -> None:
+        if not self.latency_ms > 0 or self.energy_mj < 0:
+            raise ConfigError(f"a cost needs latency > 0 and energy >= 0, got {self}")
+
+
+@dataclass
+class Device:
+    """Processing units in a fixed order and a cost table costs[model][unit]; a model runs
+    only on the units its table names."""
+
+    name: str
+    units: tuple[str, ...]
+    costs: dict[str, dict[str, Cost]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.units or len(set(self.units)) != len(self.units):
+            raise ConfigError(f"device {self.name!r} needs distinct units, got {self.units}")
+        for model, per_unit in self.costs.items():
+            unknown = set(per_unit) - set(self.units)
+            if unknown:
+                raise ConfigError(f"device {self.name!r}: {model} names unknown units {unknown}")
+
+    def can_run(self, model: str, unit: str) -> bool:
+        return unit in self.costs.get(model, {})
+
+    def cost(self, model: str, unit: str) -> Cost:
         try:
-            sock.sendall(f"GET /health HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-            answer = sock.recv(5)
-        except OSError as exc:
-            return f"the server closed the connection ({exc})"
-        if not answer.startswith(b"HTTP/"):
-            return "the server speaks TLS; start the client with --tls DIR (its ca.crt)"
-    return None
+            return self.costs[model][unit]
+        except KeyError:
+            raise ConfigError(f"device {self.name!r} cannot run {model!r} on {unit!r}") from None
+
+    def fastest(self, model: str, units: tuple[str, ...] | list[str]) -> str | None:
+        """The unit among `units` with the lowest latency for `model` (None: none can)."""
+        able = [u for u in units if self.can_run(model, u)]
+        return min(able, key=lambda u: self.costs[model][u].latency_ms) if able else None
+
+    def check_runs(self, models: list[str]) -> None:
+        """A one-line error if the device has no unit for one of `models`."""
+        missing = [m for m in models if not self.costs.get(m)]
+        if missing:
+            raise ConfigError(f"device {self.name!r} has no unit that runs {missing}")
 
 
-def wait_for_server(server: str, ca_cert: str | None, stopping: threading.Event) -> bool:
-    """Probe until the server answers as expected; False if stopped meanwhile."""
-    delay = 1.0
-    while (reason := probe(server, ca_cert)) is not None:
-        say(f"cannot join {server}: {reason}; retrying in {delay:.0f} s")
-        if stopping.wait(delay):
-            return False
-        delay = min(30.0, delay * 2)
-    return True
-
-
-def watch_supernode(proc: subprocess.Popen) -> None:
-    """Echo the SuperNode's output; name the cause when the server refuses this device."""
-    assert proc.stdout is not None
-    for raw in proc.stdout:
-        line = raw.decode(errors="replace")
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        if REFUSED in line:
-            say("the server refused this device's key: it is not enrolled there")
-
-
-def run_device(
-    server: str,
-    supernode_cmd: list[str],
-    runtime_cmd: list[str],
-    ca_cert: str | None = None,
-) -> int:
-    """Run the device until stopped; the SuperNode's exit status, 0 if stopped by a signal."""
-    stopping = threading.Event()
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, on_signal)
-    if not wait_for_server(server, ca_cert, stopping):
-        return 0
-    state_dir = tempfile.mkdtemp(prefix="fedge-runtime-")
-    runtime_cmd = [*runtime_cmd, "--state-dir", state_dir]
-    supernode = start(supernode_cmd, output=subprocess.PIPE)
-    threading.Thread(target=watch_supernode, args=(supernode,), daemon=True).start()
-    runtime = start(runtime_cmd, output=None)
-    say(f"joined {server}: SuperNode pid {supernode.pid}, runtime pid {runtime.pid}")
+# --- measurement ---------------------------------------------------------------------------
+def measure_ms(
+    workloads: dict[str, Callable[[], object]], repeats: int = 50, warmup: int = 3
+) -> dict[str, float]:
+    """Fastest wall time in ms of each workload over `repeats` rounds, one torch thread:
+    what one core gives when nothing else runs. Rounds interleave the workloads, so a burst
+    of the shared machine's other load hits them all alike and the minimum skips it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    best = dict.fromkeys(workloads, float("inf"))
     try:
-        while not stopping.wait(0.2):
-            if supernode.poll() is not None:
-                say(f"the SuperNode exited with status {supernode.returncode}")
-                return supernode.returncode
-            if runtime.poll() == FATAL:
-                say("the runtime cannot start (see above); stopping")
-                return FATAL
-            if runtime.poll() is not None:
-                say(f"the runtime (pid {runtime.pid}) exited with status {runtime.returncode};")
-                runtime = start(runtime_cmd, output=None)
-                say(f"  started a new one (pid {runtime.pid})")
-        return 0
+        for fn in workloads.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(repeats):
+            for name, fn in workloads.items():
+                start = time.perf_counter()
+                fn()
+                best[name] = min(best[name], (time.perf_counter() - start) * 1000.0)
     finally:
-        stop(runtime, grace=5)
-        stop(supernode, grace=5)
-        for leftover in Path(state_dir).iterdir():
-            leftover.unlink()
-        Path(state_dir).rmdir()
+        torch.set_num_threads(threads)
+    return best
 
 
-def device_command(
-    server: str, supernode_cmd: list[str], runtime_cmd: list[str], ca_cert: str | None
-) -> list[str]:
-    """The command line of a device process that runs `run_device` with these arguments."""
-    spec = {"server": server, "supernode": supernode_cmd, "runtime": runtime_cmd, "ca": ca_cert}
-    return [sys.executable, "-m", __name__, json.dumps(spec)]
+def _fedge_workloads() -> dict[str, Callable[[], object]]:
+    """One inference of each fedge model fedge's scenarios use, on its tiny config."""
+    from fedge.tasks.asr.model import ASRConfig, StreamingASR
+    from fedge.tasks.hrvit.model import build_model as build_hrvit
+    from fedge.tasks.mobilellm.model import build_model as build_llm
+
+    torch.manual_seed(0)
+    kws = StreamingASR(ASRConfig(n_out=10, head="pool")).eval()
+    asr = StreamingASR(ASRConfig()).eval()
+    hrvit = build_hrvit("tiny").eval()
+    llm = build_llm("tiny").eval()
+    llm.setup_caches(1, 64)
+    clip = torch.randn(1, 100, 40)  # 1 s of 10 ms log-mel frames
+    chunk = torch.randn(1, 16, 40)  # one 160 ms streaming chunk
+    image = torch.randn(1, 3, 64, 64)
+    token, pos = torch.tensor([[65]]), torch.tensor([8])
+
+    @torch.no_grad()
+    def run(model: torch.nn.Module, *args: torch.Tensor) -> object:
+        return model(*args)
+
+    return {
+        "kws": lambda: run(kws, clip),
+        "asr_chunk": lambda: asr.stream_step(chunk),
+        "hrvit": lambda: run(hrvit, image),
+        "llm_decode": lambda: llm(token, pos),
+    }
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m fedge.edge.device SPEC_JSON` (see `device_command`)."""
-    spec = json.loads((argv or sys.argv[1:])[0])
-    return run_device(spec["server"], spec["supernode"], spec["runtime"], spec["ca"])
+def train_step_workload(task_name: str, batch_size: int) -> Callable[[], object]:
+    """One local SGD step of a fedge task on a batch of its training data."""
+    from fedge.tasks import build_task
+
+    task = build_task(task_name, seed=0)
+    model = task.build_model()
+    data = task.train_dataset()
+    batch = next(iter(task.loader(data, batch_size, shuffle=False)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def step() -> object:
+        opt.zero_grad()
+        loss = task.loss(model, batch)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def default_cache() -> Path:
+    """Where measured latencies are kept between runs (fedge's cache folder)."""
+    return cache_dir("edge.json")
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latencies (ms) measured on one machine, and how loaded it was then."""
+
+    latency_ms: dict[str, float]
+    loadavg_1min: float
+    when: str
+
+
+def measured_latencies(
+    task_name: str = "digits", batch_size: int = 32, cache: Path | None = None
+) -> Measurement:
+    """Latency (ms, one thread) of fedge's scenario models and one training step of
+    `task_name`, measured once per machine, torch version and task, then read from `cache`."""
+    cache = cache or default_cache()
+    key = f"v2|{platform.node()}|{torch.__version__}|{task_name}|{batch_size}"
+    stored: dict[str, dict] = json.loads(cache.read_text()) if cache.exists() else {}
+    if key not in stored:
+        workloads = _fedge_workloads()
+        workloads[TRAIN_STEP] = train_step_workload(task_name, batch_size)
+        stored[key] = {
+            "latency_ms": measure_ms(workloads),
+            "loadavg_1min": os.getloadavg()[0],
+            "when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        }
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(stored, indent=1, sort_keys=True))
+    return Measurement(**stored[key])
+
+
+def xr_device(cpu_ms: dict[str, float], cpu_cores: int = 2, npu_pes: int = 8192) -> Device:
+    """`cpu_cores` CPU cores (fedge's models and training, at the measured `cpu_ms`) and
+    one XRBench-style accelerator with `npu_pes` PEs (XRBench's models, inference only)."""
+    if cpu_cores < 1 or npu_pes < 1:
+        raise ConfigError(f"need at least one core and one PE, got {cpu_cores}, {npu_pes}")
+    rate = NPU_4K_GMAC_PER_MS * npu_pes / 4096
+    costs: dict[str, dict[str, Cost]] = {
+        m: {"npu": Cost(g / rate, g * NPU_MJ_PER_GMAC)} for m, g in XRBENCH_GMACS.items()
+    }
+    cores = tuple(f"cpu{i}" for i in range(cpu_cores))
+    for model, ms in cpu_ms.items():
+        costs[model] = {c: Cost(ms, ms * CPU_CORE_WATTS) for c in cores}
+    return Device(f"xr-cpu{cpu_cores}-npu{npu_pes // 1024}k", (*cores, "npu"), costs)

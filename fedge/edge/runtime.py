@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from fedge import compat
-from fedge.edge.device import FATAL, default_torch_threads
 from fedge.edge.poll import Backoff
+from fedge.edge.supervisor import FATAL, default_torch_threads
 
 TOKEN_ENV, RUN_ENV = "FEDGE_RUNTIME_TOKEN", "FEDGE_RUNTIME_RUN"  # a claimed task, across exec
 INFLIGHT = "inflight"  # in --state-dir: the token and the message being handled

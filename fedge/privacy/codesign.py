@@ -64,7 +64,8 @@ class Layout:
             raise ValueError(f"hot_rows {design.hot_rows} must be below the table's {n} rows")
         if design.colocate and (successor is None or successor.shape != (n,)):
             raise ValueError("colocate needs successor: for each row, the row to store beside it")
-        self.design, self.num_rows, self.successor = design, n, successor
+        self.design, self.num_rows = design, n
+        self.successor = np.zeros(0, np.int64) if successor is None else successor  # colocate only
         rank = np.argsort(-counts, kind="stable")
         hot, cold = rank[: design.hot_rows], rank[design.hot_rows :]
         parts = [hot] if design.hot_rows else []

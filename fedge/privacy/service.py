@@ -9,23 +9,20 @@ Two methods on service `fedge.pir.PIR`, raw bytes in and out (gRPC generic handl
 
 Frames (little-endian): request  b"PIRQ" u8 version, u32 count, u32 key_len, count keys;
                        response b"PIRA" u8 version, u32 count, u32 words, 16-byte digest, answers.
+
+`serve` runs one party; `fedge pir-server` is its command line (fedge.processes starts real
+server processes for tests and simulations).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
-import selectors
 import signal
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent import futures
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import grpc
@@ -36,8 +33,8 @@ from fedge.privacy.pir import PIRServer, TableSpec, default_device, query, recon
 
 SERVICE = "fedge.pir.PIR"
 FRAME_VERSION = 1
-_REQ = struct.Struct("<4sBII")
-_RESP = struct.Struct("<4sBII16s")
+REQUEST_HEADER = struct.Struct("<4sBII")  # b"PIRQ", version, key count, key length
+RESPONSE_HEADER = struct.Struct("<4sBII16s")  # b"PIRA", version, count, words, table digest
 MAX_MESSAGE = 256 << 20
 _OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -48,30 +45,32 @@ _OPTIONS = [
 def table_digest(table: np.ndarray) -> str:
     """SHA-256 over dtype, shape and bytes: equal digests mean the same table."""
     h = hashlib.sha256(f"{table.dtype.str}{table.shape}".encode())
-    h.update(memoryview(np.ascontiguousarray(table)).cast("B"))
+    h.update(np.ascontiguousarray(table).data.cast("B"))
     return h.hexdigest()
 
 
 def encode_request(keys: Sequence[bytes]) -> bytes:
+    """One Answer request frame: the header, then the keys (all of one length) back to back."""
     if not keys or len({len(k) for k in keys}) != 1:
         raise ValueError("a request needs one or more keys of equal length")
-    return _REQ.pack(b"PIRQ", FRAME_VERSION, len(keys), len(keys[0])) + b"".join(keys)
+    return REQUEST_HEADER.pack(b"PIRQ", FRAME_VERSION, len(keys), len(keys[0])) + b"".join(keys)
 
 
 def decode_request(data: bytes) -> list[bytes]:
-    if len(data) < _REQ.size:
+    """The keys of an Answer request frame; ValueError names what is wrong with a bad frame."""
+    if len(data) < REQUEST_HEADER.size:
         raise ValueError(
-            f"request of {len(data)} bytes is shorter than its {_REQ.size}-byte header"
+            f"request of {len(data)} bytes is shorter than its {REQUEST_HEADER.size}-byte header"
         )
-    magic, version, count, key_len = _REQ.unpack_from(data)
+    magic, version, count, key_len = REQUEST_HEADER.unpack_from(data)
     if magic != b"PIRQ" or version != FRAME_VERSION:
         raise ValueError(f"not a PIR request (magic {magic!r}, version {version})")
-    if count == 0 or len(data) != _REQ.size + count * key_len:
+    if count == 0 or len(data) != REQUEST_HEADER.size + count * key_len:
         raise ValueError(
             f"request announces {count} keys of {key_len} bytes but carries "
-            f"{len(data) - _REQ.size} bytes"
+            f"{len(data) - REQUEST_HEADER.size} bytes"
         )
-    body = memoryview(data)[_REQ.size :]
+    body = memoryview(data)[REQUEST_HEADER.size :]
     return [bytes(body[i * key_len : (i + 1) * key_len]) for i in range(count)]
 
 
@@ -100,7 +99,8 @@ class _Batcher:
         while True:
             with self.ready:
                 self.ready.wait_for(lambda: self.queue)
-                take, count = [], 0
+                take: list[tuple[KeyBatch, dict]] = []
+                count = 0
                 while self.queue and (not take or count + len(self.queue[0][0]) <= self.max_keys):
                     take.append(self.queue.pop(0))
                     count += len(take[-1][0])
@@ -143,7 +143,9 @@ class _Handler:
             answers = self.batcher.answer(decode_request(request))
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed query: {exc}")
-        head = _RESP.pack(b"PIRA", FRAME_VERSION, *answers.shape, bytes.fromhex(self.digest)[:16])
+        head = RESPONSE_HEADER.pack(
+            b"PIRA", FRAME_VERSION, *answers.shape, bytes.fromhex(self.digest)[:16]
+        )
         return head + answers.tobytes()
 
 
@@ -278,9 +280,13 @@ class PrivateEmbeddingClient:
             except grpc.RpcError as exc:
                 raise self._error(i, exc) from exc
             self.bytes_received += len(data)
-            head = _RESP.unpack_from(data) if len(data) >= _RESP.size else (b"", 0, 0, 0, b"")
+            head = (
+                RESPONSE_HEADER.unpack_from(data)
+                if len(data) >= RESPONSE_HEADER.size
+                else (b"", 0, 0, 0, b"")
+            )
             magic, _, count, words, digest = head
-            size = _RESP.size + count * words * 8
+            size = RESPONSE_HEADER.size + count * words * 8
             if magic != b"PIRA" or (count, words, len(data)) != (
                 len(keys_a),
                 self.spec.words,
@@ -289,7 +295,11 @@ class PrivateEmbeddingClient:
                 raise ValueError(f"PIR server {self.addresses[i]} sent a malformed answer")
             if digest != self.digest:
                 raise ValueError(f"PIR server {self.addresses[i]} changed its table since connect")
-            out.append(np.frombuffer(data, np.uint64, count * words, _RESP.size).reshape(count, -1))
+            out.append(
+                np.frombuffer(data, np.uint64, count * words, RESPONSE_HEADER.size).reshape(
+                    count, -1
+                )
+            )
         return out
 
     def fetch(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -301,7 +311,8 @@ class PrivateEmbeddingClient:
         for lo in range(0, idx.size, self.max_batch):
             keys_a, keys_b = query(idx[lo : lo + self.max_batch], self.spec.num_rows)
             self.queries += len(keys_a)
-            parts.append(reconstruct(*self._answers(keys_a, keys_b), self.spec))
+            answers_a, answers_b = self._answers(keys_a, keys_b)
+            parts.append(reconstruct(answers_a, answers_b, self.spec))
         return np.concatenate(parts)
 
     def close(self) -> None:
@@ -313,73 +324,3 @@ class PrivateEmbeddingClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class ServerProcess:
-    """One party as a real `fedge pir-server` process on a free port (its error output goes to
-    a temporary file, so a chatty server never blocks on a full pipe)."""
-
-    def __init__(self, table_path: str | Path, party: int, host: str = "127.0.0.1"):
-        self.party = party
-        cmd = [sys.executable, "-m", "fedge.cli", "pir-server", "--table", str(table_path)]
-        cmd += ["--party", str(party), "--host", host, "--port", "0"]
-        self._err = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._err, text=True)
-
-    def address(self, timeout: float = 120.0) -> str:
-        """The address HOST:PORT once the server listens; RuntimeError with its output if not."""
-        with selectors.DefaultSelector() as sel:
-            sel.register(self.proc.stdout, selectors.EVENT_READ)
-            line = self.proc.stdout.readline() if sel.select(timeout) else ""
-        prefix = f"pir-server party {self.party} listening on "
-        if line.startswith(prefix):
-            return line[len(prefix) :].split()[0]
-        self.stop()
-        self._err.seek(0)
-        why = self._err.read().decode(errors="replace").strip()
-        raise RuntimeError(
-            f"pir-server party {self.party} did not start: {line.strip()} "
-            f"{why or f'no answer within {timeout:g} s'}"
-        )
-
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM (kill if it lingers); the exit status."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout)
-        self.proc.stdout.close()
-        self._err.close()
-        return self.proc.returncode
-
-
-@contextmanager
-def server_processes(table_path: str | Path, host: str = "127.0.0.1") -> Iterator[list[str]]:
-    """Both parties as real `fedge pir-server` processes serving one .npy table (started
-    together, stopped on exit from the block); yields their addresses [party 0, party 1]."""
-    with ExitStack() as stack:
-        servers = []
-        for party in (0, 1):
-            servers.append(ServerProcess(table_path, party, host))
-            stack.callback(servers[-1].stop)
-        yield [server.address() for server in servers]
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Serve a .npy table as one PIR party.")
-    parser.add_argument("--table", required=True, help="FILE.npy, rows along axis 0")
-    parser.add_argument("--party", type=int, required=True, choices=(0, 1))
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
-    args = parser.parse_args(argv)
-    try:
-        serve(args.table, args.party, args.host, args.port)
-    except (ValueError, OSError) as exc:
-        sys.exit(f"pir-server: {exc}")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +34,12 @@ from fedge.data.divergence import (
     warm_up,
     weight_divergence,
 )
+from fedge.files import atomic_write_bytes
 from fedge.server.checkpoint import resume_point, save_round
 from fedge.server.history import History, load_history
 from fedge.server.observer import RoundObserver, update_check
 from fedge.server.polling import PromptGrid
+from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
 from fedge.tasks import Task, build_task
@@ -133,19 +137,44 @@ def build_run_strategy(cfg: RunConfig) -> Strategy:
     return strategy
 
 
-def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dict[str, Any]]:
+@dataclass
+class Prepared:
+    """A run that passed every check that can run before any work."""
+
+    task: Task
+    strategy: Strategy
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """The config checked, the task built (its options and data checked), the strategy
+    built, the partitions cut as the clients will cut them; ConfigError if any fails."""
+    cfg.validate()
+    task = build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
+    strategy = build_run_strategy(cfg)
+    check_partitions(task, cfg)
+    return Prepared(task, strategy)
+
+
+class RunStopped(Exception):
+    """Raised out of Flower's loop when too many rounds in a row aggregated nothing."""
+
+
+def run_server(
+    grid: Grid, cfg: RunConfig, prepared: Prepared | None = None
+) -> list[dict[str, Any]]:
     """Run all rounds on `grid` and return the history (also written to `cfg.out`).
 
-    With `cfg.resume`, continue from the last intact round found in `cfg.out`.
+    `prepared`: the checked task and strategy (else `prepare(cfg)` runs here). With
+    `cfg.resume`, continue from the last intact round found in `cfg.out`. A run whose
+    last `cfg.max_failed_rounds` rounds aggregated no update stops, saying why.
     """
+    prepared = prepared or prepare(cfg)
+    task, strategy, done = prepared.task, prepared.strategy, 0
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**cfg.to_dict(), "resume": False}, indent=2))
-    task = task or build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
     model = task.build_model()
     test_data = task.test_dataset()
     history = History(out, metric=task.metric, labels=task.train_labels())
-    strategy, done = build_run_strategy(cfg), 0
     if cfg.resume:
         records = load_history(out) if (out / "history.json").exists() else []
         done, saved, history.records = resume_point(out, model, records)
@@ -154,6 +183,8 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
         if done >= cfg.rounds:  # the run had finished; it may have died before its last save
             torch.save(model.state_dict(), out / "final_model.pt")
             return history.records
+    saved_cfg = {**cfg.to_dict(), "resume": False, "overwrite": False}
+    atomic_write_bytes(out / "config.json", json.dumps(saved_cfg, indent=2).encode())
     spec = ClientSpec.from_run(cfg)
     fed = run_federation(task, cfg) if cfg.warmup_epochs or cfg.track_divergence else None
     if fed is not None and cfg.warmup_epochs and not done:
@@ -165,6 +196,7 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
     shadow = shadow_sgd(task, model, cfg, fed) if fed is not None and cfg.track_divergence else None
     observer = RoundObserver(grid, check=update_check(model, cfg.max_update_norm))
     wait_for_nodes(grid, cfg.num_clients, timeout=cfg.round_timeout)
+    random.seed(cfg.seed * 1_000_003 + done)  # Flower samples nodes with the global `random`
     console.print(
         f"fedge: task {cfg.task}, strategy {type(strategy).__name__}, "
         f"{cfg.sampled_per_round}/{cfg.num_clients} clients a round, {cfg.rounds} rounds -> {out}"
@@ -192,19 +224,29 @@ def run_server(grid: Grid, cfg: RunConfig, task: Task | None = None) -> list[dic
             save_round(out, server_round, model, strategy)
             history.append(record)
             console.print(progress_line(record, cfg.rounds, task.metric))
+            failed = history.failed_rounds_in_a_row()
+            if cfg.max_failed_rounds and failed >= cfg.max_failed_rounds:
+                raise RunStopped(
+                    f"fedge: stopped after round {server_round}: {failed} rounds in a row "
+                    f"aggregated no update (--max-failed-rounds {cfg.max_failed_rounds}); "
+                    f"the last round's failures: {'; '.join(record['failure_reasons'][:3])}"
+                )
         clock["t"] = time.perf_counter()
         return MetricRecord(metrics)
 
-    result = (Resumed(strategy, done) if done else strategy).start(
-        grid=observer,
-        initial_arrays=ArrayRecord(exchanged_state(model)),
-        num_rounds=cfg.rounds - done,
-        timeout=cfg.round_timeout,
-        train_config=spec.to_record(),
-        evaluate_config=spec.to_record(),
-        evaluate_fn=evaluate,
-    )
-    load_exchanged(model, result.arrays.to_torch_state_dict())
+    try:
+        (Resumed(strategy, done) if done else strategy).start(
+            grid=observer,
+            initial_arrays=ArrayRecord(exchanged_state(model)),
+            num_rounds=cfg.rounds - done,
+            timeout=cfg.round_timeout,
+            train_config=spec.to_record(),
+            evaluate_config=spec.to_record(),
+            evaluate_fn=evaluate,
+        )
+    except RunStopped as stop:
+        console.print(str(stop))
+    # `evaluate` loaded every round's global model into `model`: the last one is the result
     torch.save(model.state_dict(), out / "final_model.pt")
     return history.records
 

@@ -18,10 +18,19 @@ from typing import Any
 
 from fedge.config import RunConfig
 from fedge.errors import ConfigError
-from fedge.processes import flower_tool, start, stop, tool_env, wait_for_port
-from fedge.server.app import CONFIG_KEY
+from fedge.processes import (
+    check_port_free,
+    die_with_parent,
+    flower_tool,
+    start,
+    stop,
+    tool_env,
+    wait_for_port,
+)
+from fedge.server.app import CONFIG_KEY, prepare
 from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
+from fedge.server.preflight import prepare_out
 from fedge.server.superlink import REFUSAL
 
 APP_PYPROJECT = """\
@@ -130,6 +139,9 @@ def serve(
     `tls_dir` (from `fedge certs`) turns on TLS; `auth` admits only the SuperNodes whose
     public keys are in `tls_dir/clients`.
     """
+    prepare(cfg)  # every check that can run before the SuperLink starts
+    check_port_free(host, port)
+    prepare_out(cfg)
     address = f"{host}:{port}"
     ca_cert = Path(tls_dir, "ca.crt") if tls_dir else None
     cfg_path, app_dir, flwr_home = write_run_files(cfg, address, ca_cert)
@@ -195,6 +207,7 @@ def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path
             stderr=subprocess.STDOUT,
             text=True,
             env=tool_env(env),
+            preexec_fn=die_with_parent,  # `flwr run` must not outlive a killed `fedge server`
         ) as proc,
     ):
         assert proc.stdout is not None

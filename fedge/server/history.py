@@ -160,6 +160,15 @@ class History:
             "seconds": seconds,
         }
 
+    def failed_rounds_in_a_row(self) -> int:
+        """How many of the last rounds aggregated no update (no client trained successfully)."""
+        count = 0
+        for record in reversed(self.records):
+            if record.get("num_clients", 0) > 0:
+                break
+            count += 1
+        return count
+
     def append(self, record: dict[str, Any]) -> None:
         self.records.append({k: _clean(v) for k, v in record.items()})
         self.save()

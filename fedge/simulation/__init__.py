@@ -12,16 +12,23 @@ import logging
 from typing import Any
 
 from fedge.config import RunConfig
-from fedge.server.app import build_server_app, run_server
+from fedge.server.app import build_server_app, prepare, run_server
 from fedge.server.history import load_history
+from fedge.server.preflight import prepare_out
 
 __all__ = ["simulate"]
 
 
 def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
-    """Run a whole federated simulation in this process tree and return its history."""
+    """Run a whole federated simulation in this process tree and return its history.
+
+    Every check that can run before any work runs first (`prepare`, `prepare_out`): a bad
+    config, task, strategy, partition or `out` folder fails before an engine starts.
+    """
     from fedge.client.app import app as client_app
 
+    prepared = prepare(cfg)
+    prepare_out(cfg)
     _quiet_flower()
     if cfg.backend == "ray":
         from fedge.simulation.ray_grid import RayGrid, init_ray
@@ -35,13 +42,13 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
             seed=cfg.seed,
         )
         try:
-            return run_server(grid, cfg)
+            return run_server(grid, cfg, prepared)
         finally:
             grid.shutdown()
     if cfg.backend == "local":
         from fedge.simulation.local_grid import LocalGrid
 
-        return run_server(LocalGrid(client_app, cfg.num_clients), cfg)
+        return run_server(LocalGrid(client_app, cfg.num_clients), cfg, prepared)
     if cfg.backend == "flower":
         from flwr.simulation import run_simulation
 

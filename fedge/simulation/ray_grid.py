@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import ray
 from flwr.app import Context, Message, RecordDict
+from ray._private import ray_constants
 
 from fedge.compat import (
     ErrorCode,
@@ -367,11 +368,17 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     else:
         # workers import what the driver can: its own source folders (not site-packages)
         kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": os.pathsep.join(_source_paths())}}
+        # Ray's ports have no authentication: a Ray that fedge starts listens on loopback
+        # only. Ray turns 127.0.0.1 into the machine's address unless told this is no
+        # cluster (Ray internals, read at call time; tests/faults/test_bad_input.py checks)
+        os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"  # for Ray's own processes
+        ray_constants.ENABLE_RAY_CLUSTER = False
         # "local": a fresh instance even when a `ray start` cluster runs on this machine
         ray.init(
             "local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
+            _node_ip_address="127.0.0.1",
             _system_config=MEMORY_CONFIG,
             **kwargs,
         )

@@ -13,7 +13,7 @@ from typing import Any
 from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp import strategy as fl
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
 from fedge.plugins import load_object
 from fedge.tasks import TrainConfig, TrainReport
 
@@ -80,7 +80,8 @@ def strategy_class(name: str) -> type[fl.Strategy]:
         cls = load_object(name)
     else:
         raise ConfigError(
-            f"unknown strategy {name!r}; choose one of {sorted(STRATEGIES)} or 'module:Class'"
+            f"unknown strategy {name!r}{did_you_mean(name, STRATEGIES)}; "
+            f"choose one of {sorted(STRATEGIES)} or 'module:Class'"
         )
     if isinstance(cls, str):
         cls = load_object(cls)

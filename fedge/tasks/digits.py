@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 
+from fedge.files import cache_dir
 from fedge.tasks.base import Task, classification_sums
 
 IDX_FILES = {
@@ -42,7 +43,10 @@ def read_idx(path: str | Path) -> np.ndarray:
         if len(head) != 4 or head[:2] != b"\x00\x00" or head[2] != 0x08:
             raise ValueError(f"{path}: not an unsigned-byte IDX file (magic {head.hex()})")
         ndim = head[3]
-        shape = struct.unpack(f">{ndim}I", f.read(4 * ndim))
+        dims = f.read(4 * ndim)
+        if len(dims) != 4 * ndim:
+            raise ValueError(f"{path}: IDX header cut short ({len(dims)} of {4 * ndim} bytes)")
+        shape = struct.unpack(f">{ndim}I", dims)
         data = np.frombuffer(f.read(), dtype=np.uint8)
     if data.size != int(np.prod(shape)):
         raise ValueError(f"{path}: header says {shape} but holds {data.size} bytes; truncated?")
@@ -69,6 +73,8 @@ def load_idx_dir(data_dir: str | Path) -> dict[str, tuple[np.ndarray, np.ndarray
         x, y = read_idx(_find(data_dir, images)), read_idx(_find(data_dir, labels))
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
             raise ValueError(f"{data_dir}: {split} images {x.shape} do not match labels {y.shape}")
+        if len(y) and y.max() > 9:
+            raise ValueError(f"{data_dir}: {split} labels must be digits 0-9, found {y.max()}")
         out[split] = (x, y.astype(np.int64))
     return out
 
@@ -81,15 +87,10 @@ def _holdout(x: np.ndarray, y: np.ndarray) -> dict[str, tuple[np.ndarray, np.nda
     return {"train": (x[train], y[train]), "test": (x[test], y[test])}
 
 
-def cache_dir() -> Path:
-    """Where parsed copies of bundled data live ($FEDGE_CACHE, else ~/.cache/fedge)."""
-    return Path(os.environ.get("FEDGE_CACHE", Path.home() / ".cache" / "fedge"))
-
-
 def _cached_csv(path: Path) -> np.ndarray:
     """Parse a CSV once (about 1.5 s for MNIST's 5k subset), then load the .npy (ms)."""
     stat = path.stat()
-    cached = cache_dir() / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}.npy"
+    cached = cache_dir("digits") / f"{path.stem}-{stat.st_size}-{int(stat.st_mtime)}.npy"
     if cached.exists():
         return np.load(cached)
     raw = np.loadtxt(path, delimiter=",", dtype=np.uint8)

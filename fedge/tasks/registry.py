@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
 from fedge.plugins import load_object
 from fedge.tasks.base import Task
 
@@ -22,7 +22,10 @@ def task_class(name: str) -> type[Task]:
     """The Task class registered under `name`, or imported from `module:Class`."""
     spec = TASKS.get(name, name)
     if ":" not in spec:
-        raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASKS)} or 'module:Class'")
+        raise ConfigError(
+            f"unknown task {name!r}{did_you_mean(name, TASKS)}; "
+            f"choose one of {sorted(TASKS)} or 'module:Class'"
+        )
     cls = load_object(spec)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise ConfigError(f"{spec!r} is not a fedge.tasks.Task subclass")

@@ -1,9 +1,10 @@
 """Fixtures of the fault-injection tests."""
 
 import subprocess
-import sys
 
 import pytest
+
+from fedge.processes import fedge_command
 
 
 @pytest.fixture
@@ -26,8 +27,7 @@ def launch(tmp_path, processes):
 
     def start(name: str, *args: str) -> subprocess.Popen:
         with open(logs / name, "wb") as log:
-            cmd = [sys.executable, "-m", "fedge.cli", *args]
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(fedge_command(*args), stdout=log, stderr=subprocess.STDOUT)
         processes.append(proc)
         return proc
 

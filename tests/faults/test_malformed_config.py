@@ -3,9 +3,8 @@ wrong, before touching anything; a bad flag on `--resume` leaves the run's files
 
 import subprocess
 
-from faultkit import fedge_command
-
 from fedge.cli import main
+from fedge.processes import fedge_command
 from fedge.simulation import simulate
 
 

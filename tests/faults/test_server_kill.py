@@ -6,9 +6,10 @@ import subprocess
 import time
 
 import torch
-from faultkit import fedge_command, rounds_of
+from faultkit import rounds_of
 
 from fedge.cli import main
+from fedge.processes import fedge_command
 from fedge.simulation import simulate
 
 ARGS = dict(num_clients=3, rounds=4, strategy="fedadam")

@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from scipy.signal import resample_poly
 
+from fedge.files import cache_dir
+
 KEYWORDS = ("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")
 PHRASES = (
     "turn on the light",
@@ -211,14 +213,6 @@ def synthesize(
     return out
 
 
-def cache_dir() -> Path:
-    """Where synthesised speech is kept between runs."""
-    root = os.environ.get("FEDGE_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fedge"
-    )
-    return Path(root) / "speech"
-
-
 def speaker_utterances(
     speaker: Speaker, texts: tuple[str, ...], sample_rate: int = SAMPLE_RATE
 ) -> list[np.ndarray]:
@@ -226,7 +220,7 @@ def speaker_utterances(
     key = json.dumps(
         [asdict(speaker), list(texts), sample_rate, version("espeakng-loader")], sort_keys=True
     )
-    path = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
+    path = cache_dir("speech") / f"{hashlib.sha1(key.encode()).hexdigest()}.npz"
     if path.exists():
         with np.load(path) as z:
             return np.split(z["audio"], z["offsets"][1:-1])
