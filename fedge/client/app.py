@@ -210,7 +210,8 @@ def train(msg: Message, context: Context) -> Message:
     task, train_data, _ = client_data(spec, context.node_config)
     model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
     node = context.node_config
-    cfg = train_config(spec, config, context.node_id if owns_data(node) else partition_of(node)[0])
+    seat = context.node_id % 1_000_003 if owns_data(node) else partition_of(node)[0]  # seeds
+    cfg = train_config(spec, config, seat)
     algorithm = client_algorithm(str(config.get(ALGORITHM, "")))
     if algorithm:
         algorithm.prepare(model, msg.content, context.state, cfg)
