@@ -74,7 +74,7 @@ class Runtime:
         """Become a fresh runtime (same pid) that starts with this claimed task."""
         say(f"run {run_id} starts; reloading (the last run was {self.run_id})")
         env = {**os.environ, TOKEN_ENV: token, RUN_ENV: str(run_id)}
-        os.execve(sys.executable, [sys.executable, "-m", __name__, *sys.argv[1:]], env)
+        os.execve(sys.executable, [sys.executable, "-m", "fedge.edge.runtime", *sys.argv[1:]], env)
 
     def handle(self, run_id: int, token: str) -> None:
         """Run the ClientApp on the task's message; always answer and finish the task."""

@@ -134,7 +134,7 @@ def device_command(
 ) -> list[str]:
     """The command line of a device process that runs `run_device` with these arguments."""
     spec = {"server": server, "supernode": supernode_cmd, "runtime": runtime_cmd, "ca": ca_cert}
-    return [sys.executable, "-m", __name__, json.dumps(spec)]
+    return [sys.executable, "-m", "fedge.edge.supervisor", json.dumps(spec)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
