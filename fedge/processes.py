@@ -55,6 +55,8 @@ def check_port_free(host: str, port: int) -> None:
     """Raise OSError naming the port if something already listens on host:port (a second
     server would otherwise fail in its log while clients reach the first)."""
     with socket.socket() as s:
+        # as servers bind: connections a killed server left in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
