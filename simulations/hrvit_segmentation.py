@@ -1,6 +1,6 @@
 """HRViT against a plain ViT and a small CNN at the same parameter budget, then federated.
 
-Part 1 trains the tiny HRViT, a single-scale ViT and a U-Net (each ~170k parameters) on the
+Part 1 trains the tiny HRViT, a single-scale ViT and a U-Net (each ~208k parameters) on the
 same procedural scenes with the same SGD loop a fedge client runs, and reports test mIoU,
 pixel accuracy, parameters, forward FLOPs per image (torch's FlopCounterMode) and the
 wall time of one training step. Part 2 runs federated training of the tiny HRViT with
@@ -29,11 +29,11 @@ from fedge.tasks.hrvit.baselines import PlainViT, SmallUNet
 from fedge.tasks.hrvit.model import build_model
 from fedge.tasks.hrvit.task import HRViTTask
 
-# The three contenders, sized to about the same number of parameters (~170k).
+# The three contenders, sized to about the same number of parameters (~208k).
 CONTENDERS: dict[str, Callable[[int, int], nn.Module]] = {
     "HRViT-tiny": lambda classes, size: build_model("tiny", num_classes=classes),
-    "plain ViT (patch 4, dim 64, depth 3)": lambda classes, size: PlainViT(classes, size),
-    "U-Net (width 19)": lambda classes, size: SmallUNet(classes, width=19),
+    "plain ViT (patch 4, dim 72, depth 3)": lambda classes, size: PlainViT(classes, size, dim=72),
+    "U-Net (width 21)": lambda classes, size: SmallUNet(classes, width=21),
 }
 
 

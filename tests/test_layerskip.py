@@ -108,6 +108,19 @@ def test_drafts_are_all_accepted_when_late_layers_are_identity():
     assert stats.acceptance_rate == 1.0 and stats.verify_passes == 4  # 1 + 4 * 5 tokens
 
 
+@pytest.mark.parametrize("new_tokens", [0, 1, 2, 28])
+def test_speculative_decodes_wherever_plain_decoding_fits(new_tokens):
+    m = model(seed=3)
+    prompt = torch.randint(0, 40, (1, 128 - new_tokens))  # prompt + new = block_size 128
+    spec, stats = self_speculative_generate(m, prompt, new_tokens, exit_layer=2, num_draft=6)
+    plain = generate(m, prompt, new_tokens)
+    assert spec.shape == plain.shape == (new_tokens,)
+    assert torch.equal(spec, plain)
+    assert stats.drafted <= max(new_tokens - 1, 0)  # never a draft past the last wanted token
+    with pytest.raises(ValueError, match="exceeds block_size"):
+        self_speculative_generate(m, prompt, new_tokens + 1, exit_layer=2)
+
+
 def test_speculative_rejects_bad_arguments():
     m = model()
     with pytest.raises(ValueError, match="exit_layer"):

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from fedge.tasks.mobilellm.model import (
     CONFIGS,
     ModelConfig,
+    RopeScaling,
     Transformer,
     build_model,
     generate,
@@ -120,6 +121,15 @@ def test_cached_decoding_equals_full_recomputation(repeat):
     torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-5)
 
 
+def test_generate_zero_tokens_returns_none_and_negative_is_refused():
+    model = tiny().eval()
+    seq = torch.randint(0, 61, (1, 5))
+    out = generate(model, seq, 0)
+    assert out.shape == (0,) and out.dtype == torch.long
+    with pytest.raises(ValueError, match="max_new_tokens must be >= 0"):
+        generate(model, seq, -1)
+
+
 def test_generate_equals_greedy_full_recomputation():
     model = tiny().eval()
     seq = torch.randint(0, 61, (1, 5))
@@ -154,24 +164,24 @@ def reference_llama(state, hf, idx):
     return norm(x, state["model.norm.weight"]) @ state["lm_head.weight"].T
 
 
-@pytest.mark.parametrize("tied", [True, False])
-def test_loads_hugging_face_checkpoint(tmp_path, tied):
-    hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 50,
-        "hidden_size": 24,
-        "intermediate_size": 40,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 6,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 32,
-        "rms_norm_eps": 1e-6,
-        "rope_theta": 500.0,
-        "tie_word_embeddings": tied,
-    }
-    g = torch.Generator().manual_seed(1)
+HF_CONFIG = {
+    "architectures": ["LlamaForCausalLM"],
+    "vocab_size": 50,
+    "hidden_size": 24,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 6,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-6,
+}
+
+
+def write_llama_folder(folder, hf: dict, lm_head: bool, seed: int = 1) -> dict:
+    """A Llama checkpoint written by hand: config.json and random weights in HF names."""
+    g = torch.Generator().manual_seed(seed)
     shapes = {"model.embed_tokens.weight": (50, 24), "model.norm.weight": (24,)}
-    for i in range(2):
+    for i in range(hf["num_hidden_layers"]):
         p = f"model.layers.{i}."
         shapes |= {
             p + "input_layernorm.weight": (24,),
@@ -184,18 +194,99 @@ def test_loads_hugging_face_checkpoint(tmp_path, tied):
             p + "mlp.up_proj.weight": (40, 24),
             p + "mlp.down_proj.weight": (24, 40),
         }
-    if not tied:
+    if lm_head:
         shapes["lm_head.weight"] = (50, 24)
     state = {k: torch.randn(s, generator=g) * 0.3 for k, s in shapes.items()}
-    save_file(state, str(tmp_path / "model.safetensors"))
-    (tmp_path / "config.json").write_text(json.dumps(hf))
+    save_file(state, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(hf))
+    return state
 
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("where", ["top level (transformers 4)", "rope_parameters (5)"])
+def test_loads_hugging_face_checkpoint(tmp_path, tied, where):
+    hf = {**HF_CONFIG, "tie_word_embeddings": tied}
+    if where.startswith("top"):
+        hf["rope_theta"] = 500.0
+    else:
+        hf["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    state = write_llama_folder(tmp_path, hf, lm_head=not tied)
     model = build_model(str(tmp_path))
     assert model.config.tie_embeddings is tied and model.config.n_kv_head == 2
+    assert model.config.rope_base == 500.0 and model.config.rope_scaling is None
     if tied:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    idx = torch.randint(0, 50, (1, 11), generator=g)
-    torch.testing.assert_close(model(idx), reference_llama(state, hf, idx), rtol=1e-4, atol=1e-4)
+    idx = torch.randint(0, 50, (1, 11), generator=torch.Generator().manual_seed(2))
+    want = reference_llama(state, {**hf, "rope_theta": 500.0}, idx)
+    torch.testing.assert_close(model(idx), want, rtol=1e-4, atol=1e-4)
+
+
+def test_missing_tie_key_means_untied_as_in_transformers(tmp_path):
+    state = write_llama_folder(tmp_path, HF_CONFIG, lm_head=True)
+    model = load_hf_checkpoint(tmp_path)
+    assert model.config.tie_embeddings is False
+    torch.testing.assert_close(model.lm_head.weight, state["lm_head.weight"])
+    write_llama_folder(tmp_path, HF_CONFIG, lm_head=False)
+    with pytest.raises(ValueError, match="does not tie the embeddings .* no lm_head.weight"):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_tied_checkpoint_must_not_carry_a_different_lm_head(tmp_path):
+    hf = {**HF_CONFIG, "tie_word_embeddings": True}
+    state = write_llama_folder(tmp_path, hf, lm_head=True)
+    with pytest.raises(ValueError, match="lm_head.weight in the checkpoint differs"):
+        load_hf_checkpoint(tmp_path)
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    model = load_hf_checkpoint(tmp_path)  # a tied checkpoint that keeps the copy loads
+    assert model.lm_head is None
+
+
+@pytest.mark.parametrize(
+    "rope,message",
+    [
+        ({"rope_type": "yarn", "factor": 4.0}, "RoPE scaling type 'yarn' is not supported"),
+        ({"type": "longrope", "factor": 2.0}, "RoPE scaling type 'longrope' is not supported"),
+        ({"rope_type": "linear"}, "'linear' needs a factor"),
+        ({"rope_type": "default", "partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ],
+)
+def test_unsupported_rope_is_refused_by_name(tmp_path, rope, message):
+    write_llama_folder(tmp_path, {**HF_CONFIG, "rope_scaling": rope}, lm_head=True)
+    with pytest.raises(ValueError, match=message):
+        load_hf_checkpoint(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "changes,message",
+    [
+        ({"attention_bias": True}, "attention_bias; fedge's decoder has no biases"),
+        ({"head_dim": 8}, "head_dim 8 x 6 heads != hidden_size 24"),
+        ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
+    ],
+)
+def test_llama_variants_this_decoder_does_not_compute_are_refused(tmp_path, changes, message):
+    write_llama_folder(tmp_path, {**HF_CONFIG, **changes}, lm_head=True)
+    with pytest.raises(ValueError, match=message):
+        load_hf_checkpoint(tmp_path)
+
+
+def test_unrolled_layer_sharing_is_checked_on_load(tmp_path):
+    model = tiny(layer_repeat=2, tie_embeddings=False)
+    save_hf_checkpoint(model, tmp_path)
+    hf = json.loads((tmp_path / "config.json").read_text())
+    assert hf["num_hidden_layers"] == 6 and hf["fedge_layer_repeat"] == 2
+    assert "layer_sharing" not in hf  # stock Llama would ignore it and run 3 layers
+    from safetensors.torch import load_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(
+        state["model.layers.4.mlp.up_proj.weight"], state["model.layers.5.mlp.up_proj.weight"]
+    )
+    state["model.layers.5.mlp.up_proj.weight"] += 1.0
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="layer 5 differs from layer 4 in mlp.up_proj.weight"):
+        load_hf_checkpoint(tmp_path)
 
 
 def test_checkpoint_errors_say_what_is_wrong(tmp_path):
@@ -209,6 +300,7 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path):
                 "intermediate_size": 8,
                 "num_hidden_layers": 1,
                 "num_attention_heads": 2,
+                "tie_word_embeddings": True,
             }
         )
     )
@@ -219,7 +311,15 @@ def test_checkpoint_errors_say_what_is_wrong(tmp_path):
         load_hf_checkpoint(tmp_path)
 
 
-@pytest.mark.parametrize("changes", [{}, {"layer_repeat": 2, "tie_embeddings": False}])
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"layer_repeat": 2, "tie_embeddings": False},
+        {"rope_base": 5e5, "rope_scaling": RopeScaling("llama3", 8.0, 1.0, 4.0, 32)},
+        {"rope_scaling": RopeScaling("linear", 2.0)},
+    ],
+)
 def test_saved_checkpoint_loads_back(tmp_path, changes):
     model = tiny(**changes)
     save_hf_checkpoint(model, tmp_path)

@@ -132,3 +132,18 @@ def test_server_process_that_does_not_start_says_why(tmp_path):
     with pytest.raises(RuntimeError, match="party 0 did not start: .*existing .npy file"):
         server.address()
     assert server.proc.poll() is not None  # stopped
+
+
+def test_a_busy_port_and_a_file_that_is_no_npy_are_clear_errors(servers, tmp_path, capsys):
+    from fedge.cli import main
+
+    table, addresses, _ = servers
+    np.save(tmp_path / "t.npy", table)
+    host, port = addresses["a"].rsplit(":", 1)  # party 0 listens there already
+    args = ["pir-server", "--table", str(tmp_path / "t.npy"), "--party", "0"]
+    assert main([*args, "--host", host, "--port", port]) == 2
+    assert f"cannot listen on {host}:{port}" in capsys.readouterr().err
+    text = tmp_path / "text.npy"
+    text.write_text("1,2,3\n")
+    assert main(["pir-server", "--table", str(text), "--party", "0", "--port", "0"]) == 2
+    assert "not a numpy .npy array" in capsys.readouterr().err

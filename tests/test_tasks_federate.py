@@ -46,8 +46,11 @@ CASES = [
             dict(
                 partition="natural", num_clients=4, rounds=3, local_epochs=2, batch_size=8, lr=0.1
             ),
-            better_by=0.08,  # measured: mIoU 0.028 before, then 0.083, 0.134, 0.146
-            factor=3.0,
+            # measured: mIoU 0.078 before, then 0.081, 0.095, 0.141. The paper's six-stage
+            # design learns these 32 px toy scenes slower than fedge's former four-stage
+            # model did (0.028 -> 0.146); more rounds would cost this default test its speed.
+            better_by=0.05,
+            factor=1.5,
             bounds={"pixel_accuracy": (0.0, 1.0)},
         ),
         id="hrvit",

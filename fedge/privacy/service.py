@@ -166,9 +166,15 @@ def serve(
     path = Path(table_path)
     if path.suffix != ".npy" or not path.is_file():
         raise ValueError(f"--table must be an existing .npy file, got {table_path!r}")
-    handler = _Handler(np.load(path, allow_pickle=False), party)  # the server keeps its layout
+    try:
+        table = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise ValueError(f"--table {path}: not a numpy .npy array ({exc})") from None
+    handler = _Handler(table, party)  # the server keeps its layout
     warm_up()  # compile before announcing: a first query must not time out on compilation
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=_OPTIONS)
+    # no SO_REUSEPORT (gRPC's default): a second server on a busy port must fail, not share it
+    options = [*_OPTIONS, ("grpc.so_reuseport", 0)]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=options)
     methods = {
         "Info": grpc.unary_unary_rpc_method_handler(handler.get_info),
         "Answer": grpc.unary_unary_rpc_method_handler(handler.answer),

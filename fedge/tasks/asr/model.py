@@ -8,12 +8,13 @@ of features at a time with a bounded cache, emits exactly what `forward` compute
 utterance.
 
 Folding attention (Li et al., arXiv 2309.07988). In streaming ASR few tokens are processed per
-step, so the linear projections of attention and of the feed-forward network, not the
-attention scores, dominate size, memory traffic and power. Folding reshapes each D-wide token
-into `fold` sub-tokens of width D/fold; the Q/K/V/output and FFN projections act on sub-tokens
-(weights (D/N)^2 instead of D^2), attention runs over the N-times longer sub-token sequence, and
-the result is unfolded back to D-wide tokens. Heads keep their width: a folded layer has
-n_head/N heads per sub-token.
+step, so linear projections, not the attention scores, dominate size, memory traffic and
+power. Folding attention reshapes each D-wide token into `fold` sub-tokens of width D/fold
+before the attention's Q/K/V projections (weights (D/N)^2 instead of D^2), attends over the
+N-times longer sub-token sequence, projects the output per sub-token and unfolds back to
+D-wide tokens; the feed-forward network stays unfolded, as in the paper. Heads keep their
+width: a folded layer has n_head/N heads per sub-token. `fold_ffn=True` also folds the FFN
+(fedge's extension, not the paper's: weights shrink much further, at an accuracy cost).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class ASRConfig:
     n_layer: int = 3
     n_head: int = 4
     ffn_mult: int = 4
-    fold: int = 1
+    fold: int = 1  # folding attention: the attention's linear layers act on D/fold sub-tokens
+    fold_ffn: bool = False  # also fold the feed-forward network (not in the paper)
     chunk: int = 4
     left_chunks: int = 4
     head: str = "ctc"  # "ctc" (per-frame logits) or "pool" (one class per utterance)
@@ -133,12 +135,12 @@ class FoldingAttention(nn.Module):
 
 
 class FoldingFeedForward(nn.Module):
-    """Position-wise FFN on folded sub-tokens: weights shrink by fold^2."""
+    """Position-wise FFN; with `fold_ffn` on folded sub-tokens, its weights shrink by fold^2."""
 
     def __init__(self, cfg: ASRConfig) -> None:
         super().__init__()
-        self.fold = cfg.fold
-        width = cfg.d_model // cfg.fold
+        self.fold = cfg.fold if cfg.fold_ffn else 1
+        width = cfg.d_model // self.fold
         self.up = nn.Linear(width, cfg.ffn_mult * width)
         self.down = nn.Linear(cfg.ffn_mult * width, width)
 
@@ -173,11 +175,13 @@ def chunk_mask(
 @dataclass
 class StreamState:
     """What a stream carries between chunks: conv caches, per-layer key/value caches (bounded
-    by `left_chunks` chunks) and the number of encoder frames emitted so far."""
+    by `left_chunks` chunks), the number of encoder frames emitted so far and, per row, the
+    valid (unpadded) feature frames seen so far."""
 
     conv: list[torch.Tensor | None] = field(default_factory=lambda: [None, None])
     kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     frames: int = 0
+    seen: torch.Tensor | None = None
 
 
 # --- the model -------------------------------------------------------------------------------
@@ -227,15 +231,39 @@ class StreamingASR(nn.Module):
 
     @torch.no_grad()
     def stream_step(
-        self, feats: torch.Tensor, state: StreamState | None = None
+        self,
+        feats: torch.Tensor,
+        state: StreamState | None = None,
+        lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, StreamState]:
-        """Encode one chunk of features (B, 4*chunk frames; the last chunk may be shorter).
+        """Encode whole chunks of features (B, k * 4 * chunk frames, n_mels).
 
-        Returns the new CTC logits (B, frames, n_out), or, for the pooled head, the encoder
-        output of the chunk (pool it across chunks for a keyword decision), and the state.
+        A step must be whole chunks: the conv caches and the left-context cache are cut at
+        chunk boundaries, so any other length would make later outputs wrong. Pad the last
+        chunk of a stream and give `lengths`, the valid feature frames of each row in this
+        step (padding only at the end of a row's stream); padded frames are never attended.
+        Returns the new CTC logits (B, k * chunk, n_out), or, for the pooled head, the encoder
+        output of the chunks (pool the valid frames across chunks for a keyword decision), and
+        the state.
         """
         cfg = self.cfg
+        step = SUBSAMPLING * cfg.chunk
+        b, n = feats.shape[0], feats.shape[1]
+        if n == 0 or n % step:
+            raise ValueError(
+                f"stream_step takes whole chunks of {step} feature frames (chunk={cfg.chunk} "
+                f"encoder frames x {SUBSAMPLING}), got {n}: pad the last chunk, pass lengths"
+            )
+        if lengths is None:
+            lengths = torch.full((b,), n, device=feats.device)
+        if lengths.shape != (b,) or bool(((lengths < 0) | (lengths > n)).any()):
+            raise ValueError(f"lengths must be ({b},) valid frames per row in 0..{n}")
         state = state or StreamState(kv=[None] * cfg.n_layer)
+        full = state.frames * SUBSAMPLING  # feature frames of a row never padded
+        seen = state.seen if state.seen is not None else torch.full_like(lengths, full)
+        if bool(((seen < full) & (lengths > 0)).any()):
+            raise ValueError("a row whose stream has ended (was padded) cannot get more frames")
+        state.seen = seen + lengths
         x, state.conv = self._frontend(feats, state.conv)
         t = x.shape[1]
         new = torch.arange(state.frames, state.frames + t, device=x.device)
@@ -243,7 +271,11 @@ class StreamingASR(nn.Module):
         keys = torch.arange(state.frames - past, state.frames + t, device=x.device)
         q_tok = new.repeat_interleave(cfg.fold)
         k_tok = keys.repeat_interleave(cfg.fold)
-        mask = chunk_mask(q_tok, k_tok, cfg.chunk, cfg.left_chunks)[None]
+        valid = k_tok[None, :] < subsampled_length(state.seen)[:, None]  # (B, S) key validity
+        mask = chunk_mask(q_tok, k_tok, cfg.chunk, cfg.left_chunks)[None] & valid[:, None]
+        # As in `encode`: a padded query sees itself, so it has a key and gives no NaN.
+        own = torch.arange(len(q_tok), device=x.device)[:, None] + len(k_tok) - len(q_tok)
+        mask = mask | (own == torch.arange(len(k_tok), device=x.device)[None, :])
         positions = new[0] * cfg.fold + torch.arange(t * cfg.fold, device=x.device)
         keep = cfg.left_chunks * cfg.chunk * cfg.fold  # sub-tokens of the visible left context
         for i, block in enumerate(self.blocks):
@@ -254,14 +286,20 @@ class StreamingASR(nn.Module):
         x = self.ln_f(x)
         return (self.out(x) if cfg.head == "ctc" else x), state
 
-    def stream(self, feats: torch.Tensor) -> torch.Tensor:
-        """Run a whole utterance chunk by chunk; returns the concatenated CTC logits."""
+    def stream(self, feats: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Run utterances (B, T, n_mels) chunk by chunk, the last chunk padded and masked;
+        returns the CTC logits `forward(feats, lengths)` gives, (B, ceil(T / 4), n_out)."""
         step = SUBSAMPLING * self.cfg.chunk
+        b, n = feats.shape[0], feats.shape[1]
+        if lengths is None:
+            lengths = torch.full((b,), n, device=feats.device)
+        padded = F.pad(feats, (0, 0, 0, -n % step), value=self.cfg.feat_mean)
         state, outs = None, []
-        for start in range(0, feats.shape[1], step):
-            y, state = self.stream_step(feats[:, start : start + step], state)
+        for start in range(0, padded.shape[1], step):
+            valid = (lengths - start).clamp(0, step)
+            y, state = self.stream_step(padded[:, start : start + step], state, valid)
             outs.append(y)
-        return torch.cat(outs, dim=1)
+        return torch.cat(outs, dim=1)[:, : int(subsampled_length(torch.tensor(n)))]
 
 
 def subsampled_length(lengths: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ its natural group, so one speaker per client is natural non-IID data.
 
 Options (from `[task_options]` or `--task-option`): speakers (training speakers),
 test_speakers (held-out speakers), copies (augmented samples per speaker and text),
-d_model, n_layer, n_head, fold (folding attention), chunk, left_chunks, energy_reports
+d_model, n_layer, n_head, fold (folding attention), fold_ffn (fold the FFN too), chunk,
+left_chunks, energy_reports
 (add the energy model's estimate to evaluation metrics).
 """
 
@@ -98,6 +99,7 @@ class SpeechTask(Task):
         n_layer: int = 3,
         n_head: int = 4,
         fold: int = 1,
+        fold_ffn: bool = False,
         chunk: int = 4,
         left_chunks: int = 4,
         energy_reports: bool = True,
@@ -125,6 +127,7 @@ class SpeechTask(Task):
             n_layer=n_layer,
             n_head=n_head,
             fold=fold,
+            fold_ffn=bool(fold_ffn),
             chunk=chunk,
             left_chunks=left_chunks,
         )

@@ -167,7 +167,9 @@ def self_speculative_generate(
     """Greedy decoding, drafted by layers [0, exit_layer) and verified by the rest.
 
     Invariant: the cache holds every committed token but the last, at every layer. A step
-    feeds that last token and k drafts through the early layers (keeping their hidden states
+    feeds that last token and k drafts (k = num_draft, fewer near the end: never more than
+    the tokens still wanted, so the cache is plain decoding's and whatever fits block_size
+    for `generate` fits here) through the early layers (keeping their hidden states
     at exit_layer), runs the late layers once over those k+1 positions, and commits the
     agreeing drafts plus the full model's next token. Stale cache entries past the commit
     point are masked by position and overwritten by the next step.
@@ -179,32 +181,39 @@ def self_speculative_generate(
         raise ValueError(f"num_draft must be >= 1, got {num_draft}")
     if prompt.ndim != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     dev = prompt.device
     p = prompt.shape[1]
-    model.setup_caches(1, p + max_new_tokens + num_draft + 1)
-    out = [int(model(prompt, torch.arange(p, device=dev))[0, -1].argmax())]
+    # The same cache as plain decoding: a step drafts at most the tokens still wanted but
+    # one, so no position reaches p + max_new_tokens.
+    model.setup_caches(1, p + max_new_tokens)
     stats = SpeculativeStats()
+    if max_new_tokens == 0:
+        return torch.empty(0, dtype=torch.long, device=dev), stats
+    out = [int(model(prompt, torch.arange(p, device=dev))[0, -1].argmax())]
     n = p + 1  # committed tokens (prompt + out)
     while len(out) < max_new_tokens:
+        k = min(num_draft, max_new_tokens - len(out) - 1)
         tok, drafts, hidden = out[-1], [], []
-        for i in range(num_draft + 1):
+        for i in range(k + 1):
             pos = torch.tensor([n - 1 + i], device=dev)
             h, _ = model.run_layers(
                 model.embed(torch.tensor([[tok]], device=dev)), 0, exit_layer, pos
             )
             hidden.append(h)
-            if i < num_draft:
+            if i < k:
                 tok = int(model.logits(h)[0, -1].argmax())
                 drafts.append(tok)
-        pos = torch.arange(n - 1, n + num_draft, device=dev)
+        pos = torch.arange(n - 1, n + k, device=dev)
         h, _ = model.run_layers(torch.cat(hidden, dim=1), exit_layer, depth, pos)
         verified = model.logits(h)[0].argmax(-1).tolist()
         accepted = 0
-        while accepted < num_draft and drafts[accepted] == verified[accepted]:
+        while accepted < k and drafts[accepted] == verified[accepted]:
             accepted += 1
         out.extend(drafts[:accepted] + [verified[accepted]])
         n += accepted + 1
-        stats.drafted += num_draft
+        stats.drafted += k
         stats.accepted += accepted
         stats.verify_passes += 1
-    return torch.tensor(out[:max_new_tokens], device=dev), stats
+    return torch.tensor(out, device=dev), stats

@@ -19,10 +19,58 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+# save_hf_checkpoint writes a layer-shared model unrolled (every effective layer its own
+# entry, so stock transformers runs it as it is) and records the sharing under this key.
+LAYER_REPEAT_KEY = "fedge_layer_repeat"
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as Llama checkpoints declare it (`rope_type` and its fields).
+
+    linear: every frequency divided by `factor` (positions interpolated). llama3 (Llama 3.1
+    and later): long wavelengths divided by `factor`, short ones kept, a smooth blend between,
+    with the bands set by `low_freq_factor`, `high_freq_factor` and the pretraining length
+    `original_max_position_embeddings`. dynamic (NTK): frequencies change only for sequences
+    longer than max_position_embeddings, which is block_size here, so within the model's
+    range it is plain RoPE; it is kept so a saved checkpoint says what it was.
+    """
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES[1:]:
+            raise ValueError(
+                f"RoPE scaling type {self.rope_type!r} is not supported; fedge runs "
+                f"{', '.join(ROPE_TYPES)}"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"RoPE scaling factor must be > 0, got {self.factor}")
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor > 0:
+            raise ValueError("llama3 RoPE needs high_freq_factor > low_freq_factor > 0")
+
+    def hf(self) -> dict[str, float | int | str]:
+        """The fields transformers writes in `rope_parameters` for this type."""
+        out: dict[str, float | int | str] = {"rope_type": self.rope_type, "factor": self.factor}
+        if self.rope_type == "llama3":
+            out |= {
+                "low_freq_factor": self.low_freq_factor,
+                "high_freq_factor": self.high_freq_factor,
+                "original_max_position_embeddings": self.original_max_position_embeddings,
+            }
+        return out
 
 
 @dataclass
@@ -44,6 +92,7 @@ class ModelConfig:
     layer_repeat: int = 1
     tie_embeddings: bool = True
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None
     norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
@@ -70,20 +119,74 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
-        """Read a Hugging Face Llama / MobileLLM `config.json` dictionary."""
-        tie = hf.get("share_embedding", hf.get("tie_word_embeddings", True))
+        """Read a Hugging Face Llama / MobileLLM `config.json` dictionary.
+
+        Missing keys take transformers' LlamaConfig defaults (untied embeddings, eps 1e-6,
+        RoPE base 10000). RoPE settings are read from `rope_parameters` (transformers 5) or
+        from the older top-level `rope_theta` and `rope_scaling`. Anything this decoder does
+        not compute (biases, another head_dim or activation, partial rotary, an unsupported
+        RoPE type) is refused rather than run wrongly.
+        """
+        n_head = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+        if head_dim * n_head != hf["hidden_size"]:
+            raise ValueError(
+                f"head_dim {head_dim} x {n_head} heads != hidden_size {hf['hidden_size']}: "
+                "fedge's decoder needs head_dim = hidden_size / num_attention_heads"
+            )
+        for key in ("attention_bias", "mlp_bias"):
+            if hf.get(key):
+                raise ValueError(f"config.json sets {key}; fedge's decoder has no biases")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r}: fedge's SwiGLU uses silu")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        if rope and all(isinstance(v, dict) for v in rope.values()):
+            raise ValueError("per-layer-type rope_parameters are not supported")
+        if float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))) != 1:
+            raise ValueError("partial_rotary_factor != 1 is not supported")
+        theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        rope_type = str(rope.get("rope_type", rope.get("type", "default")))
+        scaling = None
+        if rope_type != "default":
+            if "factor" not in rope:
+                raise ValueError(f"RoPE scaling type {rope_type!r} needs a factor")
+            scaling = RopeScaling(rope_type=rope_type, factor=float(rope["factor"]))
+            if rope_type == "llama3":
+                scaling = replace(
+                    scaling,
+                    low_freq_factor=float(rope.get("low_freq_factor", 1.0)),
+                    high_freq_factor=float(rope.get("high_freq_factor", 4.0)),
+                    original_max_position_embeddings=int(
+                        rope.get(
+                            "original_max_position_embeddings",
+                            hf.get("max_position_embeddings", 2048),
+                        )
+                    ),
+                )
+        # MobileLLM's own configs say share_embedding; Llama's say tie_word_embeddings, and
+        # transformers' Llama default is untied.
+        tie = hf.get("share_embedding", hf.get("tie_word_embeddings", False))
+        repeat = hf.get(LAYER_REPEAT_KEY, 2 if hf.get("layer_sharing", False) else 1)
+        n_layer = hf["num_hidden_layers"]
+        if LAYER_REPEAT_KEY in hf:  # unrolled on save: num_hidden_layers counts every run
+            if repeat < 1 or n_layer % repeat:
+                raise ValueError(
+                    f"{LAYER_REPEAT_KEY} {repeat} does not divide num_hidden_layers {n_layer}"
+                )
+            n_layer //= repeat
         return cls(
             vocab_size=hf["vocab_size"],
-            n_layer=hf["num_hidden_layers"],
+            n_layer=n_layer,
             dim=hf["hidden_size"],
-            n_head=hf["num_attention_heads"],
-            n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]),
+            n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head,
             ffn_dim=hf["intermediate_size"],
             block_size=hf.get("max_position_embeddings", 2048),
-            layer_repeat=2 if hf.get("layer_sharing", False) else 1,
+            layer_repeat=repeat,
             tie_embeddings=bool(tie),
-            rope_base=float(hf.get("rope_theta", 10000.0)),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-5)),
+            rope_base=theta,
+            rope_scaling=scaling,
+            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         )
 
 
@@ -122,9 +225,31 @@ class RMSNorm(nn.Module):
         return xf.type_as(x) * self.weight
 
 
-def rope_table(seq_len: int, head_dim: int, base: float) -> tuple[Tensor, Tensor]:
-    """cos and sin, (seq_len, head_dim), in the half-split layout HF Llama checkpoints use."""
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None) -> Tensor:
+    """Inverse frequencies (head_dim/2,) of RoPE, with Llama's scaling rules applied."""
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    if scaling is None or scaling.rope_type == "dynamic":
+        return inv_freq
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: wavelengths above original/low_freq_factor are scaled down by factor, those
+    # below original/high_freq_factor kept, and the band between blended linearly in
+    # original/wavelength.
+    wavelen = 2 * math.pi / inv_freq
+    orig, lo, hi = (
+        scaling.original_max_position_embeddings,
+        scaling.low_freq_factor,
+        scaling.high_freq_factor,
+    )
+    smooth = ((orig / wavelen - lo) / (hi - lo)).clamp(0.0, 1.0)
+    return (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+
+
+def rope_table(
+    seq_len: int, head_dim: int, base: float, scaling: RopeScaling | None = None
+) -> tuple[Tensor, Tensor]:
+    """cos and sin, (seq_len, head_dim), in the half-split layout HF Llama checkpoints use."""
+    inv_freq = rope_frequencies(head_dim, base, scaling)
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
     return angles.cos(), angles.sin()
@@ -138,6 +263,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 class KVCache(nn.Module):
     """Keys and values of one effective layer, written in place at the given positions."""
+
+    k: Tensor  # buffers, registered in __init__
+    v: Tensor
 
     def __init__(self, batch: int, n_kv_head: int, seq_len: int, head_dim: int, dtype) -> None:
         super().__init__()
@@ -179,6 +307,7 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
+            assert pos is not None, "a KV cache is read and written at given positions"
             k, v = cache.update(pos, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
@@ -218,6 +347,10 @@ class Transformer(nn.Module):
     """The decoder. `forward(idx)` trains on whole sequences; `forward(idx, pos)` decodes
     through the KV cache set up by `setup_caches`."""
 
+    rope_cos: Tensor  # buffers, registered in __init__ and setup_caches
+    rope_sin: Tensor
+    causal_mask: Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -227,7 +360,7 @@ class Transformer(nn.Module):
         self.lm_head = (
             None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         )
-        cos, sin = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
+        cos, sin = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.caches = nn.ModuleList()
@@ -240,7 +373,7 @@ class Transformer(nn.Module):
 
     def block(self, layer: int) -> Block:
         """The block that effective layer `layer` runs (immediate block-wise sharing)."""
-        return self.layers[layer // self.config.layer_repeat]
+        return cast(Block, self.layers[layer // self.config.layer_repeat])
 
     def setup_caches(self, batch: int, seq_len: int) -> None:
         """Allocate a static KV cache: one slot per effective layer, `seq_len` positions."""
@@ -337,8 +470,9 @@ def load_hf_checkpoint(folder: str | Path) -> Transformer:
     """Load a Hugging Face Llama / MobileLLM checkpoint from a local folder.
 
     Reads config.json and model.safetensors (or the shards named in
-    model.safetensors.index.json). HF keys are ours with a `model.` prefix; `lm_head.weight`
-    is used only when the embedding is not shared.
+    model.safetensors.index.json). HF keys are ours with a `model.` prefix. With tied
+    embeddings an `lm_head.weight` in the file must equal the embedding (else the config
+    and the weights disagree); untied, it must be there.
     """
     from safetensors.torch import load_file
 
@@ -359,8 +493,20 @@ def load_hf_checkpoint(folder: str | Path) -> Transformer:
         hf_state.update(load_file(str(folder / name)))
     state = {k.removeprefix("model."): v for k, v in hf_state.items()}
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
-    if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
+    if cfg.tie_embeddings and "lm_head.weight" in state:
+        head, emb = state.pop("lm_head.weight"), state.get("embed_tokens.weight")
+        if emb is None or not torch.equal(head, emb):
+            raise ValueError(
+                f"{cfg_path} ties the embeddings but lm_head.weight in the checkpoint differs "
+                "from embed_tokens.weight; fix tie_word_embeddings"
+            )
+    if not cfg.tie_embeddings and "lm_head.weight" not in state:
+        raise ValueError(
+            f"{cfg_path} does not tie the embeddings (tie_word_embeddings false or absent, as "
+            "in transformers' Llama default) but the checkpoint has no lm_head.weight"
+        )
+    if cfg.layer_repeat > 1 and f"layers.{cfg.n_layer}.input_layernorm.weight" in state:
+        state = _reshare_layers(state, cfg, cfg_path)
     with torch.device("meta"):
         model = Transformer(cfg)
     missing = set(model.state_dict()) - set(state)
@@ -371,40 +517,83 @@ def load_hf_checkpoint(folder: str | Path) -> Transformer:
             f"unexpected {sorted(unexpected)[:5]}"
         )
     model.load_state_dict(state, assign=True)
-    cos, sin = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base)
+    cos, sin = rope_table(cfg.block_size, cfg.head_dim, cfg.rope_base, cfg.rope_scaling)
     model.rope_cos, model.rope_sin = cos, sin
     model.causal_mask = torch.ones(0, 0, dtype=torch.bool)
     return model
 
 
+def _reshare_layers(state: dict[str, Tensor], cfg: ModelConfig, where: Path) -> dict[str, Tensor]:
+    """Fold an unrolled layer-shared checkpoint back: effective layers r*i .. r*i+r-1 must
+    hold identical weights, and become block i."""
+    r, out = cfg.layer_repeat, {}
+    for key, value in state.items():
+        if not key.startswith("layers."):
+            out[key] = value
+            continue
+        _, idx, rest = key.split(".", 2)
+        layer = int(idx)
+        first = state[f"layers.{layer - layer % r}.{rest}"]
+        if not torch.equal(value, first):
+            raise ValueError(
+                f"{where} says {LAYER_REPEAT_KEY}={r}, but layer {layer} differs from layer "
+                f"{layer - layer % r} in {rest}"
+            )
+        if layer % r == 0:
+            out[f"layers.{layer // r}.{rest}"] = value
+    return out
+
+
 def save_hf_checkpoint(model: Transformer, folder: str | Path) -> None:
-    """Write config.json + model.safetensors in the Hugging Face Llama layout, so a model
-    trained here loads as a pretrained base (e.g. for LoRA fine-tuning on devices)."""
+    """Write config.json + model.safetensors in the Hugging Face Llama layout (transformers
+    5), so a model trained here loads as a pretrained base (e.g. for LoRA fine-tuning on
+    devices) and stock `LlamaForCausalLM` computes the same logits.
+
+    Stock Llama has no layer sharing, so a layer-shared model is written unrolled: each of
+    its n_layer * layer_repeat effective layers gets its own copy of its block's weights
+    (the file is larger, the logits the same), and `fedge_layer_repeat` records the sharing,
+    which `load_hf_checkpoint` restores after checking the copies are identical.
+    """
     from safetensors.torch import save_file
 
     cfg, folder = model.config, Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    rope: dict[str, float | int | str] = {"rope_type": "default"}
+    if cfg.rope_scaling is not None:
+        rope = cfg.rope_scaling.hf()
     hf = {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.dim,
         "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layer,
+        "num_hidden_layers": cfg.depth,
         "num_attention_heads": cfg.n_head,
         "num_key_value_heads": cfg.n_kv_head,
+        "head_dim": cfg.head_dim,
         "max_position_embeddings": cfg.block_size,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_base,
+        "rope_parameters": {**rope, "rope_theta": cfg.rope_base},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "layer_sharing": cfg.layer_repeat == 2,
         "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
     }
-    if cfg.layer_repeat not in (1, 2):
-        raise ValueError(f"HF configs express layer_repeat 1 or 2, not {cfg.layer_repeat}")
+    if cfg.layer_repeat > 1:
+        hf[LAYER_REPEAT_KEY] = cfg.layer_repeat
+    state: dict[str, Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("layers."):
+            _, idx, rest = key.split(".", 2)
+            for run in range(cfg.layer_repeat):  # clone: safetensors refuses shared storage
+                layer = int(idx) * cfg.layer_repeat + run
+                state[f"model.layers.{layer}.{rest}"] = value.detach().clone()
+        elif key == "lm_head.weight":
+            state[key] = value.detach().contiguous()
+        else:
+            state[f"model.{key}"] = value.detach().contiguous()
     (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    state = {f"model.{k}" if k != "lm_head.weight" else k: v for k, v in model.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 @torch.inference_mode()
@@ -413,8 +602,12 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int) -> Tensor:
     per full forward pass. Returns the new tokens (max_new_tokens,)."""
     if prompt.ndim != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     p = prompt.shape[1]
     model.setup_caches(1, p + max_new_tokens)
+    if max_new_tokens == 0:
+        return torch.empty(0, dtype=torch.long, device=prompt.device)
     logits = model(prompt, torch.arange(p, device=prompt.device))
     out = [int(logits[0, -1].argmax())]
     for i in range(max_new_tokens - 1):
