@@ -97,7 +97,7 @@ def run_flags(devices: int, rounds: int) -> list[str]:
 
 def deployed(isolation: str, devices: int, rounds: int, out: Path) -> dict[str, Any]:
     """One deployed run; its history and the devices' peak memory and CPU."""
-    port, logs = free_port(), out / "logs"
+    port, logs = free_port(), out.parent / f"{out.name}-logs"  # the run folder starts empty
     logs.mkdir(parents=True, exist_ok=True)
     server = start(
         [*FEDGE, "server", *run_flags(devices, rounds), "--port", str(port), "--out", str(out)],
