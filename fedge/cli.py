@@ -147,6 +147,8 @@ def cmd_client(args: argparse.Namespace) -> int:
         data_dir=args.data_dir,
         tls_dir=args.tls,
         auth_key=args.auth_key,
+        isolation=args.isolation,
+        torch_threads=args.torch_threads,
     )
 
 
@@ -195,14 +197,25 @@ def build_parser() -> argparse.ArgumentParser:
     client = sub.add_parser("client", help="start one client process that joins a server")
     client.add_argument("--server", required=True, metavar="HOST:PORT")
     client.add_argument("--task", default="digits", help="the server's task [digits]")
-    client.add_argument("--partition-id", type=int, required=True)
-    client.add_argument("--num-partitions", type=int, required=True)
+    client.add_argument("--partition-id", type=int, help="a simulated share (experiments)")
+    client.add_argument("--num-partitions", type=int, help="with --partition-id")
     client.add_argument(
         "--max-train-seconds", type=float, default=0.0, help="round budget [0: none]"
     )
-    client.add_argument("--data-dir", help="local dataset folder (else the task's offline data)")
+    client.add_argument(
+        "--data-dir", help="the device's own data, in the task's format (no partition flags)"
+    )
     client.add_argument("--tls", metavar="DIR", help="connect over TLS, trusting DIR/ca.crt")
     client.add_argument("--auth-key", help="this client's enrolled private key (server --auth)")
+    client.add_argument(
+        "--isolation",
+        default="runtime",
+        choices=("runtime", "subprocess"),
+        help="runtime: fedge's warm ClientApp process; subprocess: Flower's, one per message",
+    )
+    client.add_argument(
+        "--torch-threads", type=int, help="torch threads of the runtime [half the cores, <= 4]"
+    )
     client.set_defaults(func=cmd_client)
 
     certs = sub.add_parser("certs", help="make a CA, a server certificate and client keys")

@@ -55,6 +55,8 @@ def check_port_free(host: str, port: int) -> None:
     """Raise OSError naming the port if something already listens on host:port (a second
     server would otherwise fail in its log while clients reach the first)."""
     with socket.socket() as s:
+        # as servers bind: connections a killed server left in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:
@@ -88,11 +90,15 @@ def die_with_parent() -> None:
 
 
 def start(
-    cmd: list[str], log: Path | None = None, env: dict[str, str] | None = None
+    cmd: list[str],
+    log: Path | None = None,
+    env: dict[str, str] | None = None,
+    output: int | None = subprocess.DEVNULL,
 ) -> subprocess.Popen:
-    """Start a child in its own process group (so stop() also ends its children)."""
+    """Start a child in its own process group (so stop() also ends its children); its
+    output goes to `log`, else to `output` (None: this process's stdout; PIPE: a pipe)."""
     with ExitStack() as stack:  # the child keeps its own copy of the log file
-        out: IO[bytes] | int = stack.enter_context(open(log, "ab")) if log else subprocess.DEVNULL
+        out: IO[bytes] | int | None = stack.enter_context(open(log, "ab")) if log else output
         return subprocess.Popen(
             cmd,
             stdout=out,

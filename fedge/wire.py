@@ -53,6 +53,12 @@ STOPPED_EARLY = "stopped_early"  # 1 if the round budget cut training short
 UPDATE_BYTES = "update_bytes"  # bytes of the arrays the reply carries
 EMD = "emd"  # earth mover's distance of the client's labels from the population's
 DP_WEIGHT = "dp-weight"  # 1 from every client under DP: equal FedAvg weights, as accounting needs
+LABEL_COUNTS = "label_counts"  # a device's own data: examples per label (index = label)
+WAIT_SECONDS = "wait_seconds"  # from the instruction's making on the server to the ClientApp
+FIRST_COMPUTE_SECONDS = "first_compute_seconds"  # ClientApp start to first compute (loading)
+EVAL_SECONDS = "eval_seconds"  # local evaluation
+UPLOAD_SECONDS = "upload_seconds"  # the reply's making on the device to its arrival (server)
+DEVICE_SECONDS = "device_seconds"  # instruction made -> reply arrived (server)
 
 
 # what a MetricRecord holds (Flower's record value types)

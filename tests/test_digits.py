@@ -18,10 +18,11 @@ def write_idx(path, array):
         path.write_bytes(data)
 
 
-def make_mnist_dir(root, n_train=60, n_test=20, seed=0):
+def make_mnist_dir(root, n_train=60, n_test=20, seed=0, classes=10):
+    """MNIST IDX files of `classes` digits (0..classes-1) a small model can learn."""
     rng = np.random.default_rng(seed)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        labels = np.arange(n) % 10
+        labels = np.arange(n) % classes
         images = rng.integers(0, 30, (n, 28, 28), dtype=np.uint8)
         for i, y in enumerate(labels):  # a bright bar whose row encodes the digit
             images[i, 2 + 2 * y : 4 + 2 * y, 4:24] = 255

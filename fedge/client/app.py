@@ -2,7 +2,10 @@
 
 The server sends, with each instruction, the run's `ClientSpec` (task, partition scheme,
 local hyper-parameters; fedge.wire) in the ConfigRecord; the node's own `node_config` says
-which partition it holds and may override the device's budget and data folder.
+which partition it holds and may override the device's budget and data folder. A node
+without a partition owns its data: it trains on all of its data folder (the task's real
+format), evaluates on that folder's test split, and reports its label counts (never
+samples) so the server measures its label skew.
 The same app runs in a real SuperNode, in Flower's simulation and in fedge's grids.
 """
 
@@ -37,7 +40,10 @@ from fedge.wire import (
     CONFIG,
     DP_WEIGHT,
     EMD,
+    EVAL_SECONDS,
     EXAMPLES_SEEN,
+    FIRST_COMPUTE_SECONDS,
+    LABEL_COUNTS,
     METRICS,
     NODE_FAULT,
     NUM_EXAMPLES,
@@ -51,6 +57,7 @@ from fedge.wire import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     UPDATE_BYTES,
+    WAIT_SECONDS,
     ClientSpec,
     MetricValues,
     number,
@@ -77,6 +84,11 @@ def client_federation(spec: ClientSpec, num_partitions: int) -> Federation:
     )
 
 
+def owns_data(node_config: Mapping[str, Any]) -> bool:
+    """A node started with its own data and no simulated partition."""
+    return PARTITION_ID not in node_config
+
+
 def partition_of(node_config: Mapping[str, Any]) -> tuple[int, int]:
     """(partition id, number of partitions) from the node config, checked."""
     pid, num = int(node_config[PARTITION_ID]), int(node_config[NUM_PARTITIONS])
@@ -96,6 +108,10 @@ def client_indices(
 def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task, Dataset, Dataset]:
     """The task plus this node's local train and evaluation splits."""
     task = load_task(spec)
+    if owns_data(node_config):
+        if not spec.data_dir:
+            raise ValueError("this device has no partition and no data-dir: start it with one")
+        return task, task.train_dataset(), task.test_dataset()
     train_idx, eval_idx = client_indices(spec, node_config)
     return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
 
@@ -136,9 +152,12 @@ def train_config(spec: ClientSpec, config: ConfigRecord, pid: int) -> TrainConfi
 
 
 def client_fault(spec: ClientSpec, node_config: Mapping[str, Any]) -> Fault | None:
-    """The fault this node simulates: its own `fault` node config, else the run's `faults`."""
+    """The fault this node simulates: its own `fault` node config, else the run's `faults`
+    (which name partitions: a device that owns its data has none)."""
     if node_config.get(NODE_FAULT):
         return parse_fault(str(node_config[NODE_FAULT]))
+    if owns_data(node_config):
+        return None
     pid, num = partition_of(node_config)
     return fault_for(spec.faults, pid, num, spec.seed)
 
@@ -157,40 +176,64 @@ def outgoing_arrays(
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
+def label_skew_metrics(
+    task: Task, spec: ClientSpec, node_config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A partition's EMD against the whole pool; a device's own data: its label counts
+    (the server, holding the reference distribution, computes the EMD)."""
+    labels = task.train_labels()
+    if owns_data(node_config):
+        return {LABEL_COUNTS: np.bincount(labels).astype(int).tolist()}
+    train_idx, _ = client_indices(spec, node_config)
+    return {EMD: float(client_emds(labels, [train_idx])[0])}
+
+
+def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, float]:
+    """How long the instruction took to reach the ClientApp after the server made it
+    (one clock on one machine; across machines their skew counts), and how long the
+    ClientApp took from then to its first compute (task, data and model ready)."""
+    return {
+        WAIT_SECONDS: max(0.0, entered - msg.metadata.created_at),
+        FIRST_COMPUTE_SECONDS: loaded - entered,
+    }
+
+
 app = ClientApp()
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train the global model on the local partition and reply with weights and device metrics."""
+    entered = time.time()
     config = msg.content.config_records[CONFIG]
     spec = ClientSpec.from_record(config, context.node_config)
     task, train_data, _ = client_data(spec, context.node_config)
     model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
-    pid, _ = partition_of(context.node_config)
-    cfg = train_config(spec, config, pid)
+    node = context.node_config
+    seat = context.node_id % 1_000_003 if owns_data(node) else partition_of(node)[0]  # seeds
+    cfg = train_config(spec, config, seat)
     algorithm = client_algorithm(str(config.get(ALGORITHM, "")))
     if algorithm:
         algorithm.prepare(model, msg.content, context.state, cfg)
-    started = time.perf_counter()
+    loaded, started = time.time(), time.perf_counter()
     report = task.train(model, train_data, cfg)
     extra_arrays, extra_metrics = (
         algorithm.finish(model, report, context.state) if algorithm else ({}, {})
     )
     fault = client_fault(spec, context.node_config)
     arrays = outgoing_arrays(model, msg.content.array_records[ARRAYS], config, fault)
-    train_idx, _ = client_indices(spec, context.node_config)
     metrics = MetricRecord(
         {
             NUM_EXAMPLES: num_samples(train_data),
             TRAIN_LOSS: report.loss,
             TRAIN_SECONDS: time.perf_counter() - started,
+            **arrival_metrics(msg, entered, loaded),
             PEAK_RSS_MB: peak_rss_mb(),
             EXAMPLES_SEEN: report.num_examples,
             STEPS: report.steps,
             STOPPED_EARLY: int(report.stopped_early),
             UPDATE_BYTES: sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
-            EMD: float(client_emds(task.train_labels(), [train_idx])[0]),
+            **label_skew_metrics(task, spec, context.node_config),
             **extra_metrics,
         }
     )
@@ -203,12 +246,16 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
+    entered = time.time()
     spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
     task, _, eval_data = client_data(spec, context.node_config)
     if num_samples(eval_data) == 0:  # its partition is too small to hold data out
         raise ValueError("this client holds no evaluation data (its partition has one sample)")
     model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
+    loaded, started = time.time(), time.perf_counter()
     result = task.evaluate(model, eval_data)
     metrics: MetricValues = {k: float(v) for k, v in result.items() if k != "num_examples"}
     metrics[NUM_EXAMPLES] = num_samples(eval_data)
+    metrics[EVAL_SECONDS] = time.perf_counter() - started
+    metrics.update(arrival_metrics(msg, entered, loaded))
     return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

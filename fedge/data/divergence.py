@@ -2,7 +2,8 @@
 weight divergence from centralized SGD.
 
 - `label_skew`: n_k-weighted mean and max EMD of the clients that trained this round (each
-  client reports the EMD of its training data, G included, as the metric `emd`).
+  client reports the EMD of its training data, G included, as the metric `emd`; a device
+  with its own data reports its label counts, measured against the server's data).
 - `client_drift`: ||w_k - w_t|| / ||w_t|| of each reply against the model it was sent (the
   server measures it once per reply while validating the update).
 - `ShadowSGD` + `weight_divergence`: a centralized SGD run on the pooled client data from
@@ -32,10 +33,10 @@ from torch.utils.data import Dataset
 
 from fedge.config import RunConfig
 from fedge.data.shared import Federation, client_split, federation
-from fedge.data.stats import emd_summary, float_entries, relative_distance
+from fedge.data.stats import emd, emd_summary, float_entries, relative_distance
 from fedge.tasks import Task, TrainConfig
 from fedge.tasks.base import TrainReport, num_samples
-from fedge.wire import EMD, METRICS, NUM_EXAMPLES, STEPS, number
+from fedge.wire import EMD, LABEL_COUNTS, METRICS, NUM_EXAMPLES, STEPS, number
 
 
 def _ok(replies: Iterable[Message]) -> list[Message]:
@@ -60,11 +61,28 @@ def weight_divergence(fedavg: Mapping[str, object], sgd: Mapping[str, object]) -
     return {"divergence": relative_distance(fa, fs), "divergence_layers": per_layer}
 
 
-def label_skew(replies: Iterable[Message]) -> dict[str, float]:
-    """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied."""
-    rows = [m.content.metric_records[METRICS] for m in _ok(replies)]
-    rows = [r for r in rows if EMD in r]
-    return emd_summary([number(r, EMD) for r in rows], [number(r, NUM_EXAMPLES) for r in rows])
+def label_skew(replies: Iterable[Message], reference: np.ndarray | None = None) -> dict[str, float]:
+    """`emd_mean` (n_k-weighted) and `emd_max` of the clients that replied. A client that
+    reported its label counts instead of an EMD (a device with its own data) is measured
+    against `reference`, the label distribution of the server's data."""
+    emds, sizes = [], []
+    for reply in _ok(replies):
+        r = reply.content.metric_records[METRICS]
+        if EMD in r:
+            emds.append(number(r, EMD))
+        elif LABEL_COUNTS in r and reference is not None:
+            emds.append(counts_emd(np.asarray(r[LABEL_COUNTS], float), reference))
+        else:
+            continue
+        sizes.append(number(r, NUM_EXAMPLES))
+    return emd_summary(emds, sizes)
+
+
+def counts_emd(counts: np.ndarray, reference: np.ndarray) -> float:
+    """Zhao's EMD of label counts against a reference distribution (the shorter padded)."""
+    size = max(len(counts), len(reference))
+    p_k = np.pad(counts, (0, size - len(counts))) / max(counts.sum(), 1.0)
+    return emd(p_k, np.pad(reference, (0, size - len(reference))))
 
 
 def client_drift(drift: Sequence[float], num_examples: Sequence[float]) -> dict[str, float]:

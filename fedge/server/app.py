@@ -38,6 +38,7 @@ from fedge.files import atomic_write_bytes
 from fedge.server.checkpoint import resume_point, save_round
 from fedge.server.history import History, load_history
 from fedge.server.observer import RoundObserver, update_check
+from fedge.server.polling import PromptGrid
 from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
@@ -173,7 +174,7 @@ def run_server(
     out.mkdir(parents=True, exist_ok=True)
     model = task.build_model()
     test_data = task.test_dataset()
-    history = History(out, metric=task.metric)
+    history = History(out, metric=task.metric, labels=task.train_labels())
     if cfg.resume:
         records = load_history(out) if (out / "history.json").exists() else []
         done, saved, history.records = resume_point(out, model, records)
@@ -264,7 +265,7 @@ def build_server_app(cfg: RunConfig | None = None) -> ServerApp:
                     f"run config has no {CONFIG_KEY!r}: start runs with `fedge server`"
                 )
             run_cfg = RunConfig.from_mapping(json.loads(Path(str(path)).read_text()))
-        run_server(grid, run_cfg)
+        run_server(PromptGrid(grid), run_cfg)  # no fixed 3 s between pulls
 
     return server_app
 

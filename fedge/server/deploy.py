@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +31,7 @@ from fedge.server.app import CONFIG_KEY, prepare
 from fedge.server.certs import enrolled_keys, tls_files
 from fedge.server.history import load_history
 from fedge.server.preflight import prepare_out
+from fedge.server.superlink import REFUSAL
 
 APP_PYPROJECT = """\
 [build-system]
@@ -92,7 +95,8 @@ def superlink_command(
     Its state lives in `database`, so a SuperLink restarted by `--resume` still knows the
     SuperNodes (which would otherwise be refused and exit) and the enrolled keys.
     """
-    cmd = [flower_tool("flower-superlink"), "--disable-runtime-dependency-installation"]
+    cmd = [sys.executable, "-m", "fedge.server.superlink"]  # Flower's, reporting refusals
+    cmd.append("--disable-runtime-dependency-installation")
     cmd += ["--database", str(database)]
     if tls_dir:
         files = tls_files(tls_dir)
@@ -144,8 +148,11 @@ def serve(
     out = cfg_path.parent
     cmd = superlink_command(host, port, tls_dir, auth, out / "state" / "superlink.db")
     (out / "state").mkdir(exist_ok=True)
-    env = {"FLWR_HOME": str(flwr_home)}
+    # the SuperLink's SuperExec looks for the ServerApp task every 0.1 s (Flower: 1 s)
+    env = {"FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
     superlink = start(cmd, log=out / "superlink.log", env=env)
+    done = threading.Event()
+    threading.Thread(target=echo_refusals, args=(out / "superlink.log", done), daemon=True).start()
     try:
         wait_for_port(host, port, timeout=60, proc=superlink)
         secure = f" --tls {tls_dir}" if tls_dir else ""
@@ -159,6 +166,7 @@ def serve(
         )
         run_flower_app(app_dir, cfg_path, env, out / "server.log")
     finally:
+        done.set()
         stop(superlink)
     history = load_history(out)
     if len(history) < cfg.rounds:
@@ -166,6 +174,18 @@ def serve(
             f"the run stopped after {len(history)} of {cfg.rounds} rounds; see {out}/server.log"
         )
     return history
+
+
+def echo_refusals(log: Path, done: threading.Event) -> None:
+    """Print the SuperLink's refusals of devices (see `fedge.server.superlink`) as they come."""
+    with open(log, errors="replace") as f:
+        f.seek(0, 2)  # a resumed run's log holds the last run's lines
+        while not done.is_set():
+            line = f.readline()
+            if not line:
+                done.wait(0.2)
+            elif line.startswith(REFUSAL):
+                print(line, end="", flush=True)
 
 
 def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path) -> None:

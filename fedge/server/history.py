@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.app import Message
 
 from fedge.data.divergence import label_skew
@@ -20,7 +21,9 @@ from fedge.errors import ConfigError
 from fedge.files import atomic_write_bytes
 from fedge.server.observer import RoundReplies
 from fedge.wire import (
+    DEVICE_SECONDS,
     EXAMPLES_SEEN,
+    FIRST_COMPUTE_SECONDS,
     METRICS,
     NUM_EXAMPLES,
     PEAK_RSS_MB,
@@ -28,6 +31,9 @@ from fedge.wire import (
     TRAIN_LOSS,
     TRAIN_SECONDS,
     UPDATE_BYTES,
+    UPLOAD_SECONDS,
+    WAIT_SECONDS,
+    number,
 )
 
 
@@ -76,6 +82,26 @@ def summarize_train(replies: Iterable[Message]) -> dict[str, Any]:
         update_bytes_mean=sum(r.get(UPDATE_BYTES, 0) for r in rows) / len(rows),
         stopped_early=int(sum(r.get(STOPPED_EARLY, 0) for r in rows)),
     )
+    out.update(device_times(replies))
+    return out
+
+
+DEVICE_TIMES = (WAIT_SECONDS, FIRST_COMPUTE_SECONDS, UPLOAD_SECONDS)
+
+
+def device_times(replies: list[Message]) -> dict[str, Any]:
+    """Where a device's time went (means and maxima of `DEVICE_TIMES`), and
+    `device_seconds_max` with its `slowest_node`: the device that held the round up."""
+    ok = [m for m in replies if not m.has_error() and METRICS in m.content.metric_records]
+    rows = [(m.metadata.src_node_id, m.content.metric_records[METRICS]) for m in ok]
+    out: dict[str, Any] = {}
+    for key in DEVICE_TIMES:
+        values = [number(r, key) for _, r in rows if key in r]
+        if values:
+            out[f"{key}_mean"], out[f"{key}_max"] = sum(values) / len(values), max(values)
+    timed = [(number(r, DEVICE_SECONDS), node) for node, r in rows if DEVICE_SECONDS in r]
+    if timed:
+        out["device_seconds_max"], out["slowest_node"] = max(timed)
     return out
 
 
@@ -98,10 +124,14 @@ def _clean(value: Any) -> Any:
 class History:
     """The run's per-round records, persisted into `out` after each round."""
 
-    def __init__(self, out: str | Path, metric: str = "accuracy") -> None:
+    def __init__(
+        self, out: str | Path, metric: str = "accuracy", labels: np.ndarray | None = None
+    ) -> None:
         self.out = Path(out)
         self.metric = metric
         self.records: list[dict[str, Any]] = []
+        # the server's label distribution: the reference of devices that report label counts
+        self.reference = np.bincount(labels) / len(labels) if labels is not None else None
 
     def round_record(
         self,
@@ -122,7 +152,7 @@ class History:
             "round": server_round,
             **central,
             **train,
-            **label_skew(replies.train),
+            **label_skew(replies.train, self.reference),
             "rejected": replies.rejected,
             **replies.drift,
             **extra,

@@ -47,3 +47,6 @@ def test_kill_9_deployed_server_then_resume(tmp_path, launch):
     assert rounds_of(out) == [1, 2, 3]
     assert "resuming" in (logs / "server2").read_text()
     assert all(c.poll() is None for c in clients)  # the devices never had to restart
+    for i in (0, 1):  # the resumed run is a new run: each runtime reloaded, in the same pid
+        log = (logs / f"client{i}").read_text()
+        assert "starts; reloading" in log and "exited with status" not in log, log[-3000:]

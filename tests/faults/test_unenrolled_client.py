@@ -1,5 +1,6 @@
 """Fault: a client whose key is not enrolled tries to join a TLS + SuperNode-auth server.
-It is refused; the enrolled clients finish the run. Real processes on 127.0.0.1."""
+It is refused, and both sides say why; the enrolled clients finish the run. Real processes
+on 127.0.0.1."""
 
 import subprocess
 import time
@@ -34,10 +35,12 @@ def test_unenrolled_client_is_refused_while_the_run_goes_on(tmp_path, launch):
     members = [client(f"member{i}", i, tls / "clients" / f"client_{i}") for i in (0, 1)]
     assert stranger.wait(timeout=300) != 0
     assert "Failed to activate SuperNode" in (logs / "stranger").read_text()
+    assert "refused this device's key: it is not enrolled" in (logs / "stranger").read_text()
 
     deadline = time.monotonic() + 600
     while server.poll() is None and time.monotonic() < deadline:
         time.sleep(1)
     assert server.wait() == 0
+    assert "refused a device whose key is not enrolled" in (logs / "server").read_text()
     assert rounds_of(out) == [1, 2]
     assert all(proc.poll() is None for proc in members)  # still connected, never disturbed

@@ -1,0 +1,84 @@
+"""A Grid that waits for replies without fixed sleeps.
+
+Flower's `HttpGrid.send_and_receive` (the Grid of a ServerApp under a SuperLink) sleeps 3 s
+between pulls, and waits 1 s (then 2 s, ...) for a reply whose objects are still being
+uploaded. `PromptGrid` pushes and pulls through the wrapped grid's public methods, waits
+10 ms after a pull that brought a reply, growing to 100 ms while none comes, and has
+Flower retry a missing object after 5 ms (`fedge.compat.patch_object_pulls`). It stamps
+each reply with its delivery times (`stamp_delivery`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedge import compat
+from fedge.edge.poll import Backoff
+from fedge.wire import DEVICE_SECONDS, METRICS, UPLOAD_SECONDS
+
+
+def stamp_delivery(reply: Message, sent_at: float | None) -> None:
+    """Add to a reply's metrics, as it arrives: `upload_seconds` (from the reply's making
+    on the device to its arrival here) and `device_seconds` (from the instruction's making
+    here to its reply's arrival: what this device added to the round)."""
+    if reply.has_error() or METRICS not in reply.content.metric_records:
+        return
+    now = time.time()
+    metrics = reply.content.metric_records[METRICS]
+    metrics[UPLOAD_SECONDS] = max(0.0, now - reply.metadata.created_at)
+    if sent_at is not None:
+        metrics[DEVICE_SECONDS] = now - sent_at
+
+
+class PromptGrid(Grid):
+    """`grid` with a `send_and_receive` that polls for replies with a short backoff."""
+
+    def __init__(self, grid: Grid, low: float = 0.01, high: float = 0.1) -> None:
+        compat.patch_object_pulls("flwr.superlink.grid.http_grid")
+        self.grid = grid
+        self.low, self.high = low, high
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        made = {m.metadata.dst_node_id: m.metadata.created_at for m in messages}
+        waiting = set(self.push_messages(messages))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        poll, replies = Backoff(self.low, self.high), []
+        while waiting:
+            got = list(self.pull_messages(waiting))
+            for reply in got:
+                stamp_delivery(reply, made.get(reply.metadata.src_node_id))
+            replies += got
+            waiting -= {m.metadata.reply_to_message_id for m in got}
+            if not waiting or (deadline is not None and time.monotonic() >= deadline):
+                break
+            if got:
+                poll.reset()
+            poll.wait()
+        return replies
