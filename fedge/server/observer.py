@@ -43,15 +43,11 @@ class RoundReplies:
     evaluate: list[Message] = field(default_factory=list)  # federated evaluation replies
 
 
-class RoundObserver(Grid):
-    """Passes everything through to `grid`, keeping the last replies of each message type."""
+class PassThroughGrid(Grid):
+    """A Grid that hands every call to `grid`; subclasses change what they need."""
 
-    def __init__(self, grid: Grid, check: ReplyCheck | None = None) -> None:
+    def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.check = check
-        self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
-        self.rejected = 0  # training replies refused since the last take_round()
-        self.drift: list[tuple[float, float]] = []  # (drift, n_k) of accepted training replies
 
     def set_run(self, run: Run) -> None:
         self.grid.set_run(run)
@@ -71,6 +67,22 @@ class RoundObserver(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class RoundObserver(PassThroughGrid):
+    """Passes everything through to `grid`, keeping the last replies of each message type."""
+
+    def __init__(self, grid: Grid, check: ReplyCheck | None = None) -> None:
+        super().__init__(grid)
+        self.check = check
+        self.last: dict[str, tuple[list[Message], int]] = {}  # kind -> (replies, unanswered)
+        self.rejected = 0  # training replies refused since the last take_round()
+        self.drift: list[tuple[float, float]] = []  # (drift, n_k) of accepted training replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

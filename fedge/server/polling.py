@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from typing import Any
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedge import compat
 from fedge.edge.poll import Backoff
+from fedge.server.observer import PassThroughGrid
 from fedge.wire import DEVICE_SECONDS, METRICS, UPLOAD_SECONDS
 
 
@@ -35,32 +35,13 @@ def stamp_delivery(reply: Message, sent_at: float | None) -> None:
         metrics[DEVICE_SECONDS] = now - sent_at
 
 
-class PromptGrid(Grid):
+class PromptGrid(PassThroughGrid):
     """`grid` with a `send_and_receive` that polls for replies with a short backoff."""
 
     def __init__(self, grid: Grid, low: float = 0.01, high: float = 0.1) -> None:
         compat.patch_object_pulls("flwr.superlink.grid.http_grid")
-        self.grid = grid
+        super().__init__(grid)
         self.low, self.high = low, high
-
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
