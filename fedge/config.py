@@ -35,7 +35,9 @@ class RunConfig:
         default_factory=dict, metadata={"help": "keyword options of the task"}
     )
     data_dir: str | None = opt(None, "folder with a real dataset for the task (else offline data)")
-    num_clients: int = opt(10, "total clients (partitions); the server waits for this many")
+    num_clients: int = opt(
+        CLIENT_DEFAULTS.num_clients, "total clients (partitions); the server waits for this many"
+    )
     clients_per_round: int = opt(0, "clients sampled per round (0: all)")
     rounds: int = opt(5, "federated rounds")
     strategy: str = opt("fedavg", "strategy name or module:Class")
@@ -222,7 +224,6 @@ BACKENDS = ("ray", "local", "flower")
 # field of `fedge.wire.ClientSpec` (tests check that the two sets cover RunConfig)
 SERVER_FIELDS = frozenset(
     {
-        "num_clients",
         "clients_per_round",
         "rounds",
         "strategy",

@@ -91,6 +91,7 @@ class ClientSpec:
     data_dir: str = ""  # dataset folder ("" for the task's offline data)
     partition: str = "iid"  # partition scheme (fedge.data.partition)
     seed: int = 0  # seeds partitions, local data order and simulated faults
+    num_clients: int = 10  # partitions the server cut the data into (a partition device's count)
     shared_fraction: float = 0.0  # Zhao's alpha: size of the shared subset G
     shared_per_client: float = 1.0  # Zhao's beta: the fraction of G each client mixes in
     local_epochs: int = 2  # passes over local data per round
@@ -129,6 +130,14 @@ class ClientSpec:
                 f"this client was started for task {local_task!r} but the server runs "
                 f"{values['task']!r}; start the client with the server's --task"
             )
+        sent_clients = config.get(_key("num_clients"))
+        if PARTITION_ID in node_config and sent_clients is not None:
+            if int(node_config[NUM_PARTITIONS]) != int(sent_clients):
+                raise ValueError(
+                    f"this client was started with --num-partitions "
+                    f"{node_config[NUM_PARTITIONS]} but the server runs {sent_clients} clients; "
+                    f"start it with --num-partitions {sent_clients}"
+                )
         if node_config.get(NODE_DATA_DIR):
             values["data_dir"] = str(node_config[NODE_DATA_DIR])
         if NODE_MAX_TRAIN_SECONDS in node_config:
