@@ -123,13 +123,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedge.server.deploy import serve
+    from fedge.server.deploy import listen_settings, serve
     from fedge.tasks import task_class
 
     if args.min_clients is not None:
         args.num_clients = args.min_clients
     cfg = config_from_args(args, skip=SIMULATION_ONLY)
-    history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
+    given = {"host": args.host, "port": args.port, "tls_dir": args.tls, "auth": args.auth}
+    history = serve(cfg, **listen_settings(cfg.out, cfg.resume, given))
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
@@ -186,11 +187,17 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="start a Flower SuperLink and run the federation")
     add_run_flags(server, skip=SIMULATION_ONLY)
     server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")
-    server.add_argument("--tls", metavar="DIR", help="serve over TLS with `fedge certs DIR` files")
+    resumed = "; --resume: as the run had it"
+    server.add_argument("--host", help=f"address to listen on [127.0.0.1{resumed}]")
+    server.add_argument("--port", type=int, help=f"SuperLink port [9092{resumed}]")
     server.add_argument(
-        "--auth", action="store_true", help="admit only clients enrolled in DIR/clients/*.pub"
+        "--tls", metavar="DIR", help=f"serve over TLS with `fedge certs DIR` files [{resumed[2:]}]"
+    )
+    server.add_argument(
+        "--auth",
+        action="store_true",
+        default=None,
+        help=f"admit only clients enrolled in DIR/clients/*.pub [{resumed[2:]}]",
     )
     server.set_defaults(func=cmd_server)
 
