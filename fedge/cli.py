@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
+from fedge.processes import reap_tree_on_exit
 
 # RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
 SIMULATION_ONLY = frozenset(
@@ -116,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from fedge.tasks import task_class
 
     cfg = config_from_args(args)
+    reap_tree_on_exit()  # Ray's agents would outlive a killed `fedge run`
     history = simulate(cfg)
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
@@ -130,6 +132,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         args.num_clients = args.min_clients
     cfg = config_from_args(args, skip=SIMULATION_ONLY)
     given = {"host": args.host, "port": args.port, "tls_dir": args.tls, "auth": args.auth}
+    reap_tree_on_exit()  # Flower's SuperExec and ServerApp would outlive a killed server
     history = serve(cfg, **listen_settings(cfg.out, cfg.resume, given))
     print_table(history, task_class(cfg.task).metric)
     print(f"history, checkpoints and plot in {cfg.out}/")
