@@ -92,13 +92,19 @@ def die_with_parent() -> None:
 
 
 TREE_ENV = "FEDGE_PROCESS_TREE"  # the token every process of one fedge command carries
+_reaped_pid: int | None = None  # the process that started its reaper (a fork inherits this)
 
 
 def reap_tree_on_exit() -> None:
     """Tag every process this one starts from now on, and start a reaper that kills the
     tagged ones once this process is gone, however it ended (kill -9 included). Ray's agents
     (DashboardAgent, RuntimeEnvAgent) and Flower's SuperExec/ServerApp do not die with their
-    parent; they inherit the tag through their environment, as every descendant does."""
+    parent; they inherit the tag through their environment, as every descendant does.
+    A process needs one reaper, however many commands it runs (tests call `main` often)."""
+    global _reaped_pid
+    if _reaped_pid == os.getpid():
+        return
+    _reaped_pid = os.getpid()
     token = uuid.uuid4().hex
     os.environ[TREE_ENV] = token
     subprocess.Popen(
