@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from fedge.client.faults import faulty_arrays
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
+from fedge.edge.packing import packing_mod
 from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
@@ -198,7 +199,7 @@ def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, fl
     }
 
 
-app = ClientApp()
+app = ClientApp(mods=[packing_mod])  # a packed instruction (from `fedge server`) unpacked
 
 
 @app.train()
