@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -61,6 +61,16 @@ class TrainReport:
     stopped_early: bool
 
 
+class OwnData(NamedTuple):
+    """A client's own data, made by a task for that client: train and evaluation splits and
+    the training split's examples per label over all the task's labels (the client reports
+    these counts, never samples)."""
+
+    train: Dataset
+    eval: Dataset
+    label_counts: list[int]
+
+
 class Task(ABC):
     """A learning problem a fedge client can train and evaluate.
 
@@ -93,6 +103,12 @@ class Task(ABC):
 
     def train_groups(self) -> np.ndarray | None:
         """A natural group per training sample (speaker, topic), or None if the task has none."""
+        return None
+
+    def client_data(self, partition_id: int) -> OwnData | None:
+        """Client `partition_id`'s own data, for a task that makes each client's data itself
+        (any population: nothing is cut from a pool, and client k's data depends only on the
+        seed and k); None (the default): clients cut `train_dataset()` by the run's scheme."""
         return None
 
     @abstractmethod
