@@ -22,7 +22,7 @@ from fedge.config import ConfigError, RunConfig, parse_option
 # RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
 SIMULATION_ONLY = frozenset(
     {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
-)
+) | {"devices", "device_options", "deadline", "over_select"}  # the virtual clock
 NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
@@ -111,6 +111,23 @@ def print_table(history: list[dict[str, Any]], metric: str) -> None:
     Console(highlight=False).print(table)
 
 
+def print_target(cfg: RunConfig, history: list[dict[str, Any]]) -> None:
+    """With `--target-accuracy`: when the run first reached it (virtual time if clocked)."""
+    from fedge.server.history import time_to_target
+    from fedge.tasks import task_class
+
+    if not cfg.target_accuracy:
+        return
+    task = task_class(cfg.task)
+    hit = time_to_target(history, task.metric, cfg.target_accuracy, task.higher_is_better)
+    goal = f"{task.metric} {cfg.target_accuracy:g}"
+    if hit is None:
+        print(f"time to {goal}: not reached in {len(history)} rounds")
+        return
+    virtual = f", {hit['virtual_time']:.1f} s of virtual time" if "virtual_time" in hit else ""
+    print(f"time to {goal}: round {hit['round']:.0f}{virtual} ({hit['seconds']:.1f} s wall)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedge.simulation import simulate
     from fedge.tasks import task_class
@@ -118,6 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     history = simulate(cfg)
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 
@@ -131,6 +149,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     cfg = config_from_args(args, skip=SIMULATION_ONLY)
     history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 

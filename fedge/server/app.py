@@ -37,7 +37,7 @@ from fedge.data.divergence import (
 from fedge.files import atomic_write_bytes
 from fedge.server.checkpoint import resume_point, save_round
 from fedge.server.history import History, load_history
-from fedge.server.observer import RoundObserver, update_check
+from fedge.server.observer import PassThroughGrid, RoundObserver, update_check
 from fedge.server.polling import PromptGrid
 from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
@@ -78,7 +78,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
     deadline = time.monotonic() + timeout
     last_seen = -1
     while True:
-        seen = len(list(grid.get_node_ids()))
+        nodes = grid.population() if isinstance(grid, PassThroughGrid) else grid.get_node_ids()
+        seen = len(list(nodes))
         if seen >= expected:
             return seen
         if seen != last_seen:
@@ -95,10 +96,19 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
 def sampling(cfg: RunConfig) -> dict[str, Any]:
     """Strategy sampling arguments: `sampled_per_round` clients a round while all are
     connected, proportionally fewer when some have died (Flower would otherwise wait for
-    the dead to come back). fedge waits for all clients itself before round 1."""
+    the dead to come back). fedge waits for all clients itself before round 1. Under a
+    virtual clock, `over_select` x that many of the nodes online (the clock keeps enough)."""
     k, n = cfg.sampled_per_round, cfg.num_clients
     n_eval = math.ceil(cfg.eval_fraction * k)
     hair = 1e-9  # Flower takes int(connected * fraction): k / n * n may round down to k - 1
+    if cfg.devices:  # the virtual clock offers only online nodes: take exactly F x K of them
+        return {
+            "fraction_train": hair,
+            "min_train_nodes": math.ceil(cfg.over_select * k),
+            "fraction_evaluate": hair if n_eval else 0.0,
+            "min_evaluate_nodes": n_eval,
+            "min_available_nodes": 1,
+        }
     return {
         "fraction_train": min(1.0, k / n + hair),
         "min_train_nodes": 1,
@@ -116,6 +126,7 @@ def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
         f"round {record['round']}/{rounds}  {metric} {shown}  "
         f"loss {loss:.4f}  clients {record.get('num_clients', 0)}"
         f" ({record.get('failures', 0)} failed)  {record['seconds']:.1f} s"
+        + (f"  virtual {record['virtual_time']:.1f} s" if "virtual_time" in record else "")
     )
 
 
@@ -195,7 +206,7 @@ def run_server(
         )
     shadow = shadow_sgd(task, model, cfg, fed) if fed is not None and cfg.track_divergence else None
     observer = RoundObserver(grid, check=update_check(model, cfg.max_update_norm))
-    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.round_timeout)
+    wait_for_nodes(observer, cfg.num_clients, timeout=cfg.round_timeout)
     random.seed(cfg.seed * 1_000_003 + done)  # Flower samples nodes with the global `random`
     console.print(
         f"fedge: task {cfg.task}, strategy {type(strategy).__name__}, "

@@ -286,6 +286,8 @@ def _from_rows(path: Path, rows: list[dict[str, Any]], factor: float) -> Devices
     for i, row in enumerate(rows):
         bandwidth = ("communication",) if "communication" in row else ("down_kbps", "up_kbps")
         missing = [k for k in ("computation", *bandwidth) if k not in row or row[k] in ("", None)]
+        if not set(missing).isdisjoint(bandwidth) and len(bandwidth) == 2:
+            missing = [k for k in missing if k not in bandwidth] + ["communication"]
         if missing:
             raise ConfigError(
                 f"devices: {path} device {i} has no {', '.join(missing)}; a trace needs "
