@@ -42,6 +42,7 @@ from fedge.server.polling import PromptGrid
 from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
+from fedge.strategies.registry import round_metrics
 from fedge.tasks import Task, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
 from fedge.wire import DP_WEIGHT, ClientSpec, MetricValues
@@ -225,7 +226,7 @@ def run_server(
             console.print(f"{start}: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
         else:
             replies = observer.take_round()
-            extra = privacy_spent(strategy)
+            extra = {**privacy_spent(strategy), **round_metrics(strategy)}
             if shadow is not None:  # Zhao: T local steps <-> T SGD steps
                 steps = fedavg_round_steps(replies.train)
                 shadow_state = shadow.step(server_round, steps, spec.round_lr(server_round))
