@@ -7,14 +7,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
-from flwr.app import MetricRecord
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
 from test_devices_clock import clocked_run, speeds, write_trace
 
+from fedge.compat import claim_server_identity, error_reply, set_message_id
 from fedge.simulation import simulate
 from fedge.simulation.ray_grid import init_ray
 from fedge.strategies import build_strategy
 from fedge.strategies.fedbuff import FedBuff, InFlight, staleness_weight
-from fedge.wire import NUM_EXAMPLES
+from fedge.strategies.oort import Oort
+from fedge.wire import METRICS, NUM_EXAMPLES, TRAIN_LOSS_SQUARED, VIRTUAL_SECONDS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -80,3 +83,68 @@ def test_fedbuff_is_selectable_and_checks_its_options() -> None:
     assert isinstance(strategy, FedBuff) and strategy.buffer_size == 3
     with pytest.raises(Exception, match="buffer_size must be >= 1"):
         build_strategy("fedbuff", {"buffer_size": 0}, {})
+
+
+def instruction(node: int) -> Message:
+    claim_server_identity(1)  # as the simulation grids do, to make messages here
+    msg = Message(RecordDict(), node, MessageType.TRAIN)
+    set_message_id(msg, f"m{node}")
+    return msg
+
+
+def metrics_reply(node: int, **metrics: float) -> Message:
+    """A training reply from `node` carrying `metrics`."""
+    return Message(RecordDict({METRICS: MetricRecord(metrics)}), reply_to=instruction(node))
+
+
+def test_oort_utility_penalty_and_pacer() -> None:
+    oort = Oort(FedAvg(), epsilon=0.0, epsilon_min=0.0, window=1, round_percentile=50)
+    fast, slow = list(range(100, 104)), list(range(104, 110))
+    replies = [
+        metrics_reply(n, **{NUM_EXAMPLES: 4, TRAIN_LOSS_SQUARED: 9.0, VIRTUAL_SECONDS: 1.0})
+        for n in fast
+    ] + [
+        metrics_reply(n, **{NUM_EXAMPLES: 4, TRAIN_LOSS_SQUARED: 9.0, VIRTUAL_SECONDS: 100.0})
+        for n in slow
+    ]
+    replies.append(error_reply(instruction(110), "past the deadline"))
+    oort.feedback(1, replies)
+    assert oort.utility[100] == 12.0  # |B| sqrt(mean loss^2) = 4 x 3
+    assert oort.utility[110] == 0.0  # failed: explored, no utility
+    assert oort.preferred == 100.0  # the median of the round times (six at 100 s)
+    oort.preferred = 10.0  # slow clients now pay (10 / 100)^2
+    assert sorted(oort.select(2, 4, fast + slow + [110])) == fast
+    # with eps = 1 every slot explores clients never tried
+    explorer = Oort(FedAvg(), epsilon=1.0, epsilon_min=1.0)
+    explorer.feedback(1, replies[:2])
+    assert sorted(explorer.select(2, 3, [100, 101, 120, 121, 122])) == [120, 121, 122]
+    # pacer (W = 1): exploited utility fell, so T grows by one step
+    oort.exploited, step = {100}, oort.pacer_step
+    oort.feedback(2, [metrics_reply(100, **{NUM_EXAMPLES: 4, TRAIN_LOSS_SQUARED: 9.0})])
+    assert oort.preferred == 10.0  # utility 12 after 0: no change
+    oort.feedback(3, [metrics_reply(100, **{NUM_EXAMPLES: 4, TRAIN_LOSS_SQUARED: 1.0})])
+    assert oort.preferred == pytest.approx(10.0 + step)  # 4 after 12
+
+
+def test_oort_run_avoids_slow_devices(tmp_path: Path) -> None:
+    """Four devices 100x slower than eight others: once explored, Oort stops picking them,
+    so its rounds take less virtual time than random selection's."""
+    rows = [
+        {"client_id": i, "computation": 1000 if i < 4 else 10, "communication": 1e9}
+        for i in range(12)
+    ]
+    trace = write_trace(tmp_path / "t.csv", rows)
+    totals = {}
+    for selection in ("random", "oort"):
+        cfg = clocked_run(
+            tmp_path / selection,
+            trace,
+            selection=selection,
+            num_clients=12,
+            clients_per_round=4,
+            rounds=8,
+        )
+        history = simulate(cfg)
+        totals[selection] = history[-1]["virtual_time"]
+    assert history[-1]["oort_explored"] == 12
+    assert totals["oort"] < 0.7 * totals["random"]

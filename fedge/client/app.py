@@ -55,6 +55,7 @@ from fedge.wire import (
     STEPS,
     STOPPED_EARLY,
     TRAIN_LOSS,
+    TRAIN_LOSS_SQUARED,
     TRAIN_SECONDS,
     UPDATE_BYTES,
     WAIT_SECONDS,
@@ -232,6 +233,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             NUM_EXAMPLES: num_samples(train_data),
             TRAIN_LOSS: report.loss,
+            TRAIN_LOSS_SQUARED: report.loss_squared,
             TRAIN_SECONDS: time.perf_counter() - started,
             **arrival_metrics(msg, entered, loaded),
             PEAK_RSS_MB: peak_rss_mb(),

@@ -42,6 +42,7 @@ from fedge.server.polling import PromptGrid
 from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
+from fedge.strategies.oort import with_oort
 from fedge.strategies.registry import round_metrics
 from fedge.tasks import Task, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
@@ -132,7 +133,8 @@ def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
 
 
 def build_run_strategy(cfg: RunConfig) -> Strategy:
-    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0."""
+    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0 and in
+    Oort's selector with `selection = "oort"`."""
     options = dict(cfg.strategy_options)
     if cfg.dp_noise > 0:
         options.setdefault("weighted_by_key", DP_WEIGHT)  # equal weights, as DP accounting needs
@@ -146,6 +148,8 @@ def build_run_strategy(cfg: RunConfig) -> Strategy:
             population=cfg.num_clients,
             delta=cfg.dp_delta,
         )
+    if cfg.selection == "oort":
+        strategy = with_oort(strategy, cfg.selection_options, cfg.seed)
     return strategy
 
 

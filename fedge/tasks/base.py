@@ -52,13 +52,15 @@ class TrainConfig:
 @dataclass
 class TrainReport:
     """What local training did: examples seen, optimizer steps, mean loss, wall seconds,
-    and whether the round budget cut it short."""
+    whether the round budget cut it short, and the example-weighted mean of the squared
+    batch losses (Oort's statistical utility)."""
 
     num_examples: int
     steps: int
     loss: float
     seconds: float
     stopped_early: bool
+    loss_squared: float = 0.0
 
 
 class OwnData(NamedTuple):
@@ -231,7 +233,7 @@ def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) ->
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     start = time.perf_counter()
-    steps, seen, loss_sum, stopped = 0, 0, 0.0, False
+    steps, seen, loss_sum, square_sum, stopped = 0, 0, 0.0, 0.0, False
     for batch in _batches(task, data, cfg):
         budget_gone = cfg.max_seconds > 0 and time.perf_counter() - start >= cfg.max_seconds
         if budget_gone or (cfg.max_steps and steps >= cfg.max_steps):
@@ -253,10 +255,12 @@ def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) ->
         steps += 1
         seen += n
         loss_sum += loss.item() * n
+        square_sum += loss.item() ** 2 * n
     return TrainReport(
         num_examples=seen,
         steps=steps,
         loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
         stopped_early=stopped,
+        loss_squared=square_sum / max(seen, 1),
     )
