@@ -7,7 +7,8 @@ defaults) holds FedProx's Synthetic(1, 1) data with 10 shared device models. Eve
 configuration runs `--rounds` server steps for each of `--seeds` seeds; the table gives the
 virtual time to `--target` accuracy (mean and spread over seeds), the speed-up over random
 selection, and the final accuracy; the plot gives accuracy against virtual time.
-Run: `python simulations/heterogeneity.py` (writes docs/results/heterogeneity.{md,json,png}).
+Run: `python simulations/heterogeneity.py` (writes docs/results/heterogeneity.{md,json,png});
+`--report-only` redraws them from the runs' histories (another `--target`, say).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from fedge.config import RunConfig
-from fedge.server.history import time_to_target
+from fedge.server.history import load_history, time_to_target
 from fedge.simulation import simulate
 
 # name -> the RunConfig fields that make the configuration
@@ -136,11 +137,19 @@ def main() -> None:
     parser.add_argument("--backend", default="local", choices=("local", "ray"))
     parser.add_argument("--runs", default="runs/heterogeneity")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument(
+        "--report-only", action="store_true", help="redraw table and plot from --runs"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # in-process clients train a 610-parameter model: threads only spin
     started = time.perf_counter()
     results = {
-        name: [run(name, seed, args) for seed in range(args.seeds)]
+        name: [
+            load_history(f"{args.runs}/{name}-{seed}")
+            if args.report_only
+            else run(name, seed, args)
+            for seed in range(args.seeds)
+        ]
         for name in args.configs.split(",")
     }
     rows = [summarize(name, runs, args.target) for name, runs in results.items()]

@@ -148,3 +148,23 @@ def test_oort_run_avoids_slow_devices(tmp_path: Path) -> None:
         totals[selection] = history[-1]["virtual_time"]
     assert history[-1]["oort_explored"] == 12
     assert totals["oort"] < 0.7 * totals["random"]
+
+
+def test_fedbuff_screens_faulty_updates_as_synchronous_rounds_do(tmp_path: Path) -> None:
+    """Half the clients send a NaN weight: the server's validation rejects them before they
+    enter the buffer, and the global model stays finite."""
+    trace = write_trace(tmp_path / "t.csv", speeds(4))
+    cfg = clocked_run(
+        tmp_path / "run",
+        trace,
+        strategy="fedbuff",
+        strategy_options={"buffer_size": 1},
+        faults="nan:0.5",
+        num_clients=4,
+        clients_per_round=4,
+        rounds=3,
+    )
+    history = simulate(cfg)
+    assert sum(r["rejected"] for r in history) >= 2
+    assert all(math.isfinite(r["loss"]) for r in history)
+    assert history[-1]["model_version"] == 3
