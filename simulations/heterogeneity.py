@@ -130,7 +130,8 @@ def table(rows: list[dict[str, Any]], base: float | None) -> str:
         speedup = f"{base / t:.2f}x" if t and base else "n/a"
         lines.append(
             f"| {r['config']} | {r['reached']} | {shown} | {speedup} | "
-            f"{r['trainings_to_target'] or 0:.0f} | {r['final_accuracy']:.3f} | {r['dropped']:.0f} | {r['stragglers']:.0f} | "
+            f"{r['trainings_to_target'] or 0:.0f} | {r['final_accuracy']:.3f} | "
+            f"{r['dropped']:.0f} | {r['stragglers']:.0f} | "
             f"{REPORTED.get(r['config'], '')} |"
         )
     return "\n".join(lines)
