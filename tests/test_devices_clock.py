@@ -194,3 +194,50 @@ def test_cli_reports_time_to_target(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert history[0]["virtual_time"] > 0
     assert main([*argv[:-4], "--deadline", "0.001", "--out", str(tmp_path / "s")]) == 2
     assert "deadline: no device can finish a round" in capsys.readouterr().err
+
+
+def test_fedscale_json_trace_with_behaviour(tmp_path: Path) -> None:
+    """FedScale's client_device_capacity as JSON (ids sorted numerically), with its behave
+    trace's active/inactive/finish_time merged into a record."""
+    trace = tmp_path / "capacity.json"
+    trace.write_text(
+        json.dumps(
+            {
+                "10": {"computation": 30.0, "communication": 1000.0},
+                "2": {
+                    "computation": 162.0,
+                    "communication": 5648.1,
+                    "active": [100, 500],
+                    "inactive": [200, 600],
+                    "finish_time": 1000,
+                },
+            }
+        )
+    )
+    devices = load_devices(str(trace), 2, {"compute_factor": 2.0}, seed=0)
+    assert devices.speed_ms.tolist() == [162.0, 30.0]  # client 2 is device 0
+    assert devices.up_kbps.tolist() == devices.down_kbps.tolist() == [5648.1, 1000.0]
+    assert [devices.online(t).tolist() for t in (50, 150, 550, 1150)] == [
+        [False, True],
+        [True, True],
+        [True, True],
+        [True, True],
+    ]
+    assert devices.round_seconds(1, 10, 0, 0) == pytest.approx(2 * 10 * 30 / 1000)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"speed": 3}, "unknown option 'speed' \\(did you mean 'speed_ms'\\?\\)"),
+        ({"speed_ms": -1}, "speed_ms must be > 0"),
+        ({"online_hours": 30}, "online_hours must be in \\(0, 24\\]"),
+    ],
+)
+def test_bad_device_options_fail_before_any_work(
+    tmp_path: Path, options: dict[str, Any], message: str
+) -> None:
+    cfg = clocked_run(tmp_path / "run", "generated", num_clients=10, device_options=options)
+    with pytest.raises(ConfigError, match=f"^device_options: {message}"):
+        simulate(cfg)
+    assert not (tmp_path / "run").exists()
