@@ -35,7 +35,7 @@ def test_synthetic_devices_follow_fedprox_model() -> None:
     assert len(set(heads)) >= 4  # non-IID: devices' majority classes differ
 
 
-def test_synthetic_population_of_100000_is_cheap(tmp_path: Path) -> None:
+def test_synthetic_population_of_100000_runs_and_learns(tmp_path: Path) -> None:
     """`fedge run --task synthetic --num-clients 100000` runs (a client's data is drawn when
     it is sampled), and with 10 device models
     shared by the population the global model learns (far above the majority class, ~0.2)."""
