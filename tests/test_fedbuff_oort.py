@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 from test_devices_clock import clocked_run, speeds, write_trace
 
 from fedge.compat import claim_server_identity, error_reply, set_message_id
+from fedge.config import ConfigError, RunConfig
 from fedge.simulation import simulate
 from fedge.simulation.ray_grid import init_ray
 from fedge.strategies import build_strategy
@@ -168,3 +169,22 @@ def test_fedbuff_screens_faulty_updates_as_synchronous_rounds_do(tmp_path: Path)
     assert sum(r["rejected"] for r in history) >= 2
     assert all(math.isfinite(r["loss"]) for r in history)
     assert history[-1]["model_version"] == 3
+
+
+def test_oort_options_are_checked_before_the_run(tmp_path: Path) -> None:
+    for options, message in (
+        ({"alpa": 2}, "unknown option 'alpa' \\(did you mean 'alpha'\\?\\)"),
+        ({"epsilon": 2}, "oort needs 0 <= epsilon_min <= epsilon <= 1"),
+    ):
+        cfg = RunConfig.from_mapping(
+            {
+                "task": "synthetic",
+                "selection": "oort",
+                "selection_options": options,
+                "backend": "local",
+                "out": str(tmp_path / "run"),
+            }
+        )
+        with pytest.raises(ConfigError, match=f"^selection_options: {message}"):
+            simulate(cfg)
+    assert not (tmp_path / "run").exists()

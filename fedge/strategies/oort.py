@@ -22,6 +22,7 @@ c = 0.95, W = 20); `round_percentile` and `pacer_step` are fedge's choices.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -31,7 +32,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedge.errors import ConfigError
+from fedge.errors import ConfigError, did_you_mean
+from fedge.strategies.fedbuff import FedBuff
 from fedge.wire import (
     DEVICE_SECONDS,
     METRICS,
@@ -196,16 +198,19 @@ class Oort(Strategy):
 
 def with_oort(strategy: Strategy, options: dict[str, Any], seed: int = 0) -> Oort:
     """`strategy` wrapped in Oort's selector; bad options are a ConfigError naming them."""
-    from fedge.strategies.fedbuff import FedBuff
-
     if isinstance(strategy, FedBuff):
         raise ConfigError(
             "selection: oort chooses the clients of synchronous rounds; fedbuff starts its "
             "own clients as others finish. Use --selection random with fedbuff"
         )
+    known = [p for p in inspect.signature(Oort).parameters if p != "strategy"]
+    for key in options:
+        if key not in known:
+            raise ConfigError(
+                f"selection_options: unknown option {key!r}{did_you_mean(key, known)}; "
+                f"oort takes {', '.join(known)}"
+            )
     try:
         return Oort(strategy, **{"seed": seed, **options})
-    except TypeError as exc:
-        raise ConfigError(f"selection_options: {exc}") from None
-    except ValueError as exc:
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
         raise ConfigError(f"selection_options: {exc}") from None
