@@ -276,8 +276,36 @@ class RunConfig:
 
 
 BACKENDS = ("ray", "local", "flower")
+# RunConfig fields that stay on the server; every other field reaches the clients as a
+# field of `fedge.wire.ClientSpec` (tests check that the two sets cover RunConfig)
+SERVER_FIELDS = frozenset(
+    {
+        "num_clients",
+        "clients_per_round",
+        "rounds",
+        "strategy",
+        "strategy_options",
+        "eval_fraction",
+        "round_timeout",
+        "warmup_epochs",
+        "track_divergence",
+        "backend",
+        "ray_address",
+        "client_cpus",
+        "client_gpus",
+        "dropout_rate",
+        "max_update_norm",
+        "dp_noise",
+        "dp_clip",
+        "dp_delta",
+        "resume",
+        "overwrite",
+        "max_failed_rounds",
+        "out",
+    }
+)
 SELECTIONS = ("random", "oort")
-# the device-population fields (issue 18): server-side, like SERVER_FIELDS
+# the device-population fields (issue 18) stay on the server too
 POPULATION_FIELDS = frozenset(
     {
         "devices",
@@ -289,37 +317,7 @@ POPULATION_FIELDS = frozenset(
         "selection_options",
     }
 )
-# RunConfig fields that stay on the server; every other field reaches the clients as a
-# field of `fedge.wire.ClientSpec` (tests check that the two sets cover RunConfig)
-SERVER_FIELDS = (
-    frozenset(
-        {
-            "num_clients",
-            "clients_per_round",
-            "rounds",
-            "strategy",
-            "strategy_options",
-            "eval_fraction",
-            "round_timeout",
-            "warmup_epochs",
-            "track_divergence",
-            "backend",
-            "ray_address",
-            "client_cpus",
-            "client_gpus",
-            "dropout_rate",
-            "max_update_norm",
-            "dp_noise",
-            "dp_clip",
-            "dp_delta",
-            "resume",
-            "overwrite",
-            "max_failed_rounds",
-            "out",
-        }
-    )
-    | POPULATION_FIELDS
-)
+SERVER_FIELDS = SERVER_FIELDS | POPULATION_FIELDS
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:
