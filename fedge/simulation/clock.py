@@ -13,7 +13,8 @@ as error replies naming why, so their updates are never aggregated.
 
 An asynchronous strategy (FedBuff) runs its own clock: its instructions carry `virtual-now`,
 the time it sent them. The clock then only stamps each reply's round time (the strategy
-orders the arrivals) and samples availability at that time.
+orders the arrivals) and moves to that time; the next sampling sees the devices online then,
+one server step behind the strategy's clock (a known approximation).
 """
 
 from __future__ import annotations
