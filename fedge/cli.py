@@ -23,7 +23,7 @@ from fedge.processes import reap_tree_on_exit
 # RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
 SIMULATION_ONLY = frozenset(
     {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
-)
+) | {"devices", "device_options", "deadline", "over_select"}  # the virtual clock
 NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
@@ -112,6 +112,23 @@ def print_table(history: list[dict[str, Any]], metric: str) -> None:
     Console(highlight=False).print(table)
 
 
+def print_target(cfg: RunConfig, history: list[dict[str, Any]]) -> None:
+    """With `--target-accuracy`: when the run first reached it (virtual time if clocked)."""
+    from fedge.server.history import time_to_target
+    from fedge.tasks import task_class
+
+    if not cfg.target_accuracy:
+        return
+    task = task_class(cfg.task)
+    hit = time_to_target(history, task.metric, cfg.target_accuracy, task.higher_is_better)
+    goal = f"{task.metric} {cfg.target_accuracy:g}"
+    if hit is None:
+        print(f"time to {goal}: not reached in {len(history)} rounds")
+        return
+    virtual = f", {hit['virtual_time']:.1f} s of virtual time" if "virtual_time" in hit else ""
+    print(f"time to {goal}: round {hit['round']:.0f}{virtual} ({hit['seconds']:.1f} s wall)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedge.simulation import simulate
     from fedge.tasks import task_class
@@ -120,6 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     reap_tree_on_exit()  # Ray's agents would outlive a killed `fedge run`
     history = simulate(cfg)
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 
@@ -135,6 +153,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     reap_tree_on_exit()  # Flower's SuperExec and ServerApp would outlive a killed server
     history = serve(cfg, **listen_settings(cfg.out, cfg.resume, given))
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 

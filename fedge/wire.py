@@ -32,6 +32,7 @@ SERVER_ROUND = "server-round"  # written by every Flower strategy
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx: the proximal term's weight
 ALGORITHM = "algorithm"  # fedge's strategies: the client half to run (SCAFFOLD, FedNova)
 CLIPPING_NORM = KEY_CLIPPING_NORM  # Flower's client-side DP: clip the update to this norm
+VIRTUAL_NOW = "virtual-now"  # an asynchronous strategy's clock (FedBuff): when it sent this
 
 # --- node-config keys (`flower-supernode --node-config`, or the simulation's nodes) ----
 PARTITION_ID = "partition-id"  # which partition of the task's data this node holds
@@ -59,6 +60,8 @@ FIRST_COMPUTE_SECONDS = "first_compute_seconds"  # ClientApp start to first comp
 EVAL_SECONDS = "eval_seconds"  # local evaluation
 UPLOAD_SECONDS = "upload_seconds"  # the reply's making on the device to its arrival (server)
 DEVICE_SECONDS = "device_seconds"  # instruction made -> reply arrived (server)
+TRAIN_LOSS_SQUARED = "train_loss_squared"  # mean squared batch loss (Oort's utility)
+VIRTUAL_SECONDS = "virtual_seconds"  # the virtual clock: the device's round (compute + transfer)
 
 
 # what a MetricRecord holds (Flower's record value types)

@@ -56,6 +56,7 @@ from fedge.wire import (
     STEPS,
     STOPPED_EARLY,
     TRAIN_LOSS,
+    TRAIN_LOSS_SQUARED,
     TRAIN_SECONDS,
     UPDATE_BYTES,
     WAIT_SECONDS,
@@ -113,6 +114,9 @@ def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task,
         if not spec.data_dir:
             raise ValueError("this device has no partition and no data-dir: start it with one")
         return task, task.train_dataset(), task.test_dataset()
+    own = task.client_data(partition_of(node_config)[0])
+    if own is not None:  # a task that makes each client's data (synthetic)
+        return task, own.train, own.eval
     train_idx, eval_idx = client_indices(spec, node_config)
     return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
 
@@ -182,9 +186,12 @@ def label_skew_metrics(
 ) -> dict[str, Any]:
     """A partition's EMD against the whole pool; a device's own data: its label counts
     (the server, holding the reference distribution, computes the EMD)."""
-    labels = task.train_labels()
     if owns_data(node_config):
-        return {LABEL_COUNTS: np.bincount(labels).astype(int).tolist()}
+        return {LABEL_COUNTS: np.bincount(task.train_labels()).astype(int).tolist()}
+    own = task.client_data(partition_of(node_config)[0])
+    if own is not None:
+        return {LABEL_COUNTS: own.label_counts}
+    labels = task.train_labels()
     train_idx, _ = client_indices(spec, node_config)
     return {EMD: float(client_emds(labels, [train_idx])[0])}
 
@@ -227,6 +234,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             NUM_EXAMPLES: num_samples(train_data),
             TRAIN_LOSS: report.loss,
+            TRAIN_LOSS_SQUARED: report.loss_squared,
             TRAIN_SECONDS: time.perf_counter() - started,
             **arrival_metrics(msg, entered, loaded),
             PEAK_RSS_MB: peak_rss_mb(),
