@@ -213,3 +213,56 @@ def test_refuses_strategies_that_need_plain_updates() -> None:
         with pytest.raises(ConfigError, match="the server sees only the sum"):
             SecAggPlus(strategy)
     SecAggPlus(FedAdam())  # a weighted mean, then a server step: accepted
+
+
+# --- fedge's run: its ClientApp carries the mod; flags and refusals ---------------------
+def test_fedge_run_with_secure_aggregation_matches_plain(tmp_path, small_run) -> None:
+    from fedge.simulation import simulate
+
+    plain = simulate(small_run(tmp_path / "plain", num_clients=3, rounds=1))
+    secure = simulate(
+        small_run(tmp_path / "secure", num_clients=3, rounds=1, secure_aggregation=True)
+    )
+    for p, s in zip(plain, secure, strict=True):
+        assert s["num_clients"] == p["num_clients"] == 3
+        assert abs(s["accuracy"] - p["accuracy"]) <= 0.01  # the same model, up to 2^-24 steps
+        assert s["secagg_aggregated"] == 3 and s["secagg_degree"] == 2
+
+
+def test_cli_refuses_strategies_secure_aggregation_cannot_sum(tmp_path, capsys) -> None:
+    from fedge.cli import main
+
+    out = str(tmp_path / "run")
+    assert main(["run", "--strategy", "fedmedian", "--secure-aggregation", "--out", out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "median" in err and "fedavg" in err
+    assert main(["server", "--strategy", "krum", "--secure-aggregation", "--out", out]) == 2
+    assert "Krum" in capsys.readouterr().err
+    assert main(["run", "--secure-aggregation", "--secagg-quantization", "40"]) == 2
+    assert "secagg_quantization" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.slow
+def test_ray_run_with_secure_aggregation_and_dp(tmp_path, small_run) -> None:
+    """RayGrid keeps each node's protocol state between stages; DP's epsilon is reported."""
+    import ray
+
+    from fedge.simulation import simulate
+
+    try:
+        history = simulate(
+            small_run(
+                tmp_path / "ray",
+                backend="ray",
+                num_clients=12,
+                clients_per_round=8,
+                secure_aggregation=True,
+                dp_noise=0.3,
+                dp_clip=1.0,
+            )
+        )
+    finally:
+        ray.shutdown()
+    assert [r["secagg_aggregated"] for r in history] == [8, 8]
+    assert history[-1]["dp_epsilon"] > history[0]["dp_epsilon"] > 0

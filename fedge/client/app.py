@@ -31,6 +31,7 @@ from fedge.data.stats import client_emds
 from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
+from fedge.strategies.secagg import secaggplus_mod
 from fedge.tasks import Task, TrainConfig, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged, num_samples
 from fedge.wire import (
@@ -198,7 +199,7 @@ def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, fl
     }
 
 
-app = ClientApp()
+app = ClientApp(mods=[secaggplus_mod])  # answers SecAgg+ stages; passes all else through
 
 
 @app.train()
