@@ -4,6 +4,7 @@ its sender. The clients are a plain Flower ClientApp with the mod, on fedge's Lo
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 
 import numpy as np
@@ -187,6 +188,7 @@ def test_fewer_than_t_survivors_fail_the_round(stage: str) -> None:
     assert strategy.report["num_clients"] == 0
     assert "t = 4" in strategy.report["secagg_failure"]
     assert strategy.report["failure_reasons"][0] == strategy.report["secagg_failure"]
+    pickle.dumps(strategy)  # the round's Grid and secrets are not kept: it checkpoints
 
 
 def test_a_malformed_share_excludes_its_sender() -> None:

@@ -105,14 +105,16 @@ def share_keys(config: ConfigRecord, state: ConfigRecord, me: int) -> dict[str, 
     seed_shares = create_shares(cast(bytes, state["seed"]), t, len(peers) + 1)
     key_shares = create_shares(cast(bytes, state["mask-sk"]), t, len(peers) + 1)
     enc_sk = private_key(cast(bytes, state["enc-sk"]))
-    ciphertexts = []
-    for peer, pk, b_share, sk_share in zip(
-        peers, cast(list[bytes], config[K.PK_ENC]), seed_shares[:-1], key_shares[:-1], strict=True
-    ):
-        plaintext = share_keys_plaintext_concat(me, peer, b_share, sk_share)
-        ciphertexts.append(encrypt(agreed_key(enc_sk, bytes_to_public_key(pk)), plaintext))
+    pk_enc = cast(list[bytes], config[K.PK_ENC])
+    keys = [agreed_key(enc_sk, bytes_to_public_key(pk)) for pk in pk_enc]  # kept for stage 2
+    ciphertexts = [
+        encrypt(key, share_keys_plaintext_concat(me, peer, b_share, sk_share))
+        for peer, key, b_share, sk_share in zip(
+            peers, keys, seed_shares[:-1], key_shares[:-1], strict=True
+        )
+    ]
     state[K.PEERS] = peers
-    state[K.PK_ENC] = list(cast(list[bytes], config[K.PK_ENC]))
+    state["enc-keys"] = keys
     state[K.PK_MASK] = list(cast(list[bytes], config[K.PK_MASK]))
     state["own-seed-share"], state["own-key-share"] = seed_shares[-1], key_shares[-1]
     return {K.PEERS: peers, K.CIPHERTEXTS: ciphertexts}
@@ -123,18 +125,17 @@ def open_shares(
 ) -> dict[int, tuple[bytes, bytes]]:
     """The shares forwarded to this client, by sender; a share that does not decrypt, or
     names another sender or receiver, is left out (its sender will be excluded)."""
-    enc_sk = private_key(cast(bytes, state["enc-sk"]))
-    pk_enc = dict(
-        zip(cast(list[int], state[K.PEERS]), cast(list[bytes], state[K.PK_ENC]), strict=True)
+    keys = dict(
+        zip(cast(list[int], state[K.PEERS]), cast(list[bytes], state["enc-keys"]), strict=True)
     )
     opened: dict[int, tuple[bytes, bytes]] = {}
     for src, ciphertext in zip(
         cast(list[int], config[K.PEERS]), cast(list[bytes], config[K.CIPHERTEXTS]), strict=True
     ):
-        if src not in pk_enc:
+        if src not in keys:
             continue
         try:
-            plain = decrypt(agreed_key(enc_sk, bytes_to_public_key(pk_enc[src])), ciphertext)
+            plain = decrypt(keys[src], ciphertext)
             sender, receiver, b_share, sk_share = share_keys_plaintext_separate(plain)
         except (InvalidToken, InvalidKey, ValueError, TypeError):
             continue

@@ -3,8 +3,9 @@
 Masked vectors live in Z_{2^64}, where numpy's uint64 arithmetic wraps by itself. A client's
 vector is [w, w * q(delta)]: its weight w (an integer, e.g. its number of examples) and its
 quantized update; the sum over the survivors gives the weighted mean update exactly, up to
-the quantization. Masks expand a 32-byte seed with AES-256 in counter mode (a CSPRNG, so a
-masked vector is uniform to anyone without the seeds); seeds come from `secrets`.
+the quantization. Masks expand a seed with AES in counter mode (a CSPRNG, so a masked vector
+is uniform to anyone without the seeds): the self-mask seed b (16 bytes from `secrets`, AES-128)
+and the pairwise seeds (32 bytes from ECDH + HKDF, AES-256).
 Flower's primitives do the rest: P-384 key pairs, ECDH + HKDF key agreement, Fernet
 encryption of the shares, Shamir sharing over GF(2^128) and stochastic quantization.
 """
@@ -23,7 +24,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-SEED_BYTES = 32  # a mask seed b_u, and the AES-256 key that expands it
+SEED_BYTES = 16  # the self-mask seed b_u: the AES-128 key that expands it
 KEY_BYTES = 48  # a P-384 private value, as shared with Shamir
 SECURITY_BITS = 40  # Bell et al.'s statistical security parameter sigma
 # The fraction of a round's clients (dropouts plus clients colluding with the server) that the
@@ -99,7 +100,7 @@ def pair_seed(own: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) 
 
 
 def prg(seed: bytes, size: int) -> np.ndarray:
-    """`size` uniform uint64 words: AES-256-CTR keyed by `seed` (a fresh seed per round)."""
+    """`size` uniform uint64 words: AES-CTR keyed by `seed` (fresh each round; 16 or 32 bytes)."""
     encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64).copy()
 

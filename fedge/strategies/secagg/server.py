@@ -91,6 +91,7 @@ class ProtocolRun:
     forward: dict[int, tuple[list[int], list[bytes]]] = field(default_factory=dict)
     dropped: dict[str, int] = field(default_factory=dict)  # stage -> clients lost there
     reasons: list[str] = field(default_factory=list)
+    abort: str = ""  # why the round failed before its masked vectors were asked for
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -157,18 +158,16 @@ class SecAggPlus(Strategy):
             next(iter(names), ""),
             {m.metadata.dst_node_id: m for m in instructions},
         )
-        self.run, self.report = None, {}
+        self.run, self.report = run, {}
         try:
             if len(names) != 1:
                 raise SecAggAbort(f"the instructions carry ArrayRecords {sorted(names)}, not one")
             self.setup_stage(run)
             self.share_keys_stage(run)
-            messages = self.collect_messages(run)
         except SecAggAbort as abort:
-            self.fail(run, str(abort))
+            run.abort = str(abort)
             return []
-        self.run = run
-        return messages
+        return self.collect_messages(run)
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
@@ -178,10 +177,17 @@ class SecAggPlus(Strategy):
         if run is None:
             return None, None
         try:
+            if run.abort:
+                raise SecAggAbort(run.abort)
             survivors, failed = self.collect_replies(run, list(replies))
             mean = self.unmask_stage(run, survivors)
         except SecAggAbort as abort:
             self.fail(run, str(abort))
+            why = f"secure aggregation failed: {abort}"
+            # the wrapped strategy sees the round fail (DP's accountant closes its round)
+            self.strategy.aggregate_train(
+                server_round, [error_reply(m, why) for m in run.instructions.values()]
+            )
             return None, None
         for reply in survivors.values():
             del reply.content[SECAGG_MASKED]
