@@ -92,7 +92,7 @@ class ProtocolRun:
     dropped: dict[str, int] = field(default_factory=dict)  # stage -> clients lost there
     reasons: list[str] = field(default_factory=list)
     abort: str = ""  # why the round failed before its masked vectors were asked for
-    started: float = field(default_factory=time.perf_counter)
+    seconds: float = 0.0  # in the stages around training (setup, share keys, unmask)
 
 
 class SecAggPlus(Strategy):
@@ -159,6 +159,7 @@ class SecAggPlus(Strategy):
             {m.metadata.dst_node_id: m for m in instructions},
         )
         self.run, self.report = run, {}
+        started = time.perf_counter()
         try:
             if len(names) != 1:
                 raise SecAggAbort(f"the instructions carry ArrayRecords {sorted(names)}, not one")
@@ -167,6 +168,8 @@ class SecAggPlus(Strategy):
         except SecAggAbort as abort:
             run.abort = str(abort)
             return []
+        finally:
+            run.seconds += time.perf_counter() - started
         return self.collect_messages(run)
 
     def aggregate_train(
@@ -176,12 +179,14 @@ class SecAggPlus(Strategy):
         run, self.run = self.run, None  # the Grid is not kept past the round (checkpoints)
         if run is None:
             return None, None
+        started = time.perf_counter()
         try:
             if run.abort:
                 raise SecAggAbort(run.abort)
             survivors, failed = self.collect_replies(run, list(replies))
             mean = self.unmask_stage(run, survivors)
         except SecAggAbort as abort:
+            run.seconds += time.perf_counter() - started
             self.fail(run, str(abort))
             why = f"secure aggregation failed: {abort}"
             # the wrapped strategy sees the round fail (DP's accountant closes its round)
@@ -193,6 +198,7 @@ class SecAggPlus(Strategy):
             del reply.content[SECAGG_MASKED]
             del reply.content[SECAGG]
             reply.content[run.arrays_key] = mean
+        run.seconds += time.perf_counter() - started
         self.record(run, aggregated=len(survivors))
         return self.strategy.aggregate_train(server_round, [*survivors.values(), *failed])
 
@@ -471,7 +477,7 @@ class SecAggPlus(Strategy):
             "secagg_threshold": run.t,
             "secagg_aggregated": aggregated,
             **{f"secagg_lost_{stage.replace('-', '_')}": n for stage, n in run.dropped.items()},
-            "secagg_seconds": time.perf_counter() - run.started,
+            "secagg_seconds": run.seconds,
         }
         if aggregated == 0:
             self.report["num_clients"] = 0  # nothing was aggregated: a failed round
