@@ -2,9 +2,9 @@
 
 The same fedge run (digits, every client sampled, one local epoch) on fedge's RayGrid, with and
 without `--secure-aggregation`, for 10, 100 and 1,000 clients a round. The first round warms
-the Ray actors (task and data loaded); the table gives the last round. Bytes are message
-payloads (arrays, config and metric values) counted at the Grid, per client and round, both
-ways. Peak RSS is this process and its children (Ray's workers) sampled every 0.2 s.
+the Ray actors (task and data loaded); the table gives the mean of the rounds after it. Bytes
+are message payloads (arrays, config and metric values) counted at the Grid, per client and
+round, both ways. Peak RSS is this process and its children (Ray's workers) sampled every 0.2 s.
 
     python benchmarks/secagg.py                        # 10, 100, 1000 clients a round
     python benchmarks/secagg.py --clients 10 100 --rounds 3
@@ -85,13 +85,13 @@ def measure(clients: int, rounds: int, secure: bool, out: Path) -> dict[str, Any
         history = run_server(counter, cfg, prepare(cfg))
     finally:
         grid.shutdown()
-    last = history[-1]
+    last, timed = history[-1], history[1:] or history
     per_client = clients * rounds
     return {
         "clients": clients,
         "secure": secure,
-        "s_per_round": last["seconds"],
-        "protocol_s": last.get("secagg_seconds", 0.0),
+        "s_per_round": sum(r["seconds"] for r in timed) / len(timed),
+        "protocol_s": sum(r.get("secagg_seconds", 0.0) for r in timed) / len(timed),
         "down_bytes": counter.down / per_client,
         "up_bytes": counter.up / per_client,
         "degree": last.get("secagg_degree", ""),

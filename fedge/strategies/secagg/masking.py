@@ -3,9 +3,9 @@
 Masked vectors live in Z_{2^64}, where numpy's uint64 arithmetic wraps by itself. A client's
 vector is [w, w * q(delta)]: its weight w (an integer, e.g. its number of examples) and its
 quantized update; the sum over the survivors gives the weighted mean update exactly, up to
-the quantization. Masks expand a seed with AES in counter mode (a CSPRNG, so a masked vector
-is uniform to anyone without the seeds): the self-mask seed b (16 bytes from `secrets`, AES-128)
-and the pairwise seeds (32 bytes from ECDH + HKDF, AES-256).
+the quantization. Masks expand a seed with AES-256 in counter mode under SHA-256(seed) (a
+CSPRNG, so a masked vector is uniform to anyone without the seeds): the self-mask seed b (15
+bytes from `secrets`) and the pairwise seeds (32 bytes from ECDH + HKDF).
 Flower's primitives do the rest: P-384 key pairs, ECDH + HKDF key agreement, Fernet
 encryption of the shares, Shamir sharing over GF(2^128) and stochastic quantization.
 """
@@ -13,6 +13,7 @@ encryption of the shares, Shamir sharing over GF(2^128) and stochastic quantizat
 from __future__ import annotations
 
 import base64
+import hashlib
 import math
 import random
 from collections.abc import Sequence
@@ -24,7 +25,9 @@ from flwr.app import Array, ArrayRecord
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
-SEED_BYTES = 16  # the self-mask seed b_u: the AES-128 key that expands it
+# The self-mask seed b_u: 120 bits, so that Flower's padded Shamir shares hold one 16-byte block
+# (16 bytes would take two, and rebuilding every survivor's b is most of the server's time).
+SEED_BYTES = 15
 KEY_BYTES = 48  # a P-384 private value, as shared with Shamir
 SECURITY_BITS = 40  # Bell et al.'s statistical security parameter sigma
 # The fraction of a round's clients (dropouts plus clients colluding with the server) that the
@@ -100,8 +103,10 @@ def pair_seed(own: ec.EllipticCurvePrivateKey, peer: ec.EllipticCurvePublicKey) 
 
 
 def prg(seed: bytes, size: int) -> np.ndarray:
-    """`size` uniform uint64 words: AES-CTR keyed by `seed` (fresh each round; 16 or 32 bytes)."""
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    """`size` uniform uint64 words: AES-256-CTR keyed by SHA-256(seed) (a fresh seed each round,
+    so the zero nonce never repeats under one key)."""
+    key = hashlib.sha256(seed).digest()
+    encryptor = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
     return np.frombuffer(encryptor.update(bytes(8 * size)), dtype=np.uint64).copy()
 
 

@@ -478,9 +478,8 @@ class SecAggPlus(Strategy):
             "secagg_aggregated": aggregated,
             **{f"secagg_lost_{stage.replace('-', '_')}": n for stage, n in run.dropped.items()},
             "secagg_seconds": run.seconds,
+            "num_clients": aggregated,  # whose updates are in the sum (0: a failed round)
         }
-        if aggregated == 0:
-            self.report["num_clients"] = 0  # nothing was aggregated: a failed round
 
 
 def readable(*keys: bytes) -> bool:
