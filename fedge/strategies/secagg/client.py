@@ -42,6 +42,19 @@ Handler = Callable[[Message, Context], Message]
 K = SecAggKey
 
 
+class S:
+    """Keys of the client's secrets in its SECAGG_STATE record (they never leave the node)."""
+
+    ENC_SK = "enc-sk"  # c_u^SK, the private key that agrees the share encryption keys
+    MASK_SK = "mask-sk"  # s_u^SK, the private key that agrees the pairwise mask seeds
+    SEED = "seed"  # b_u, the self-mask seed
+    ENC_KEYS = "enc-keys"  # the agreed share encryption key with each peer
+    OWN_SEED_SHARE = "own-seed-share"  # the share of b_u this client keeps
+    OWN_KEY_SHARE = "own-key-share"  # the share of s_u^SK this client keeps
+    SEED_SHARES = "seed-shares"  # the accepted peers' shares of their b
+    KEY_SHARES = "key-shares"  # the accepted peers' shares of their s^SK
+
+
 def secaggplus_mod(msg: Message, context: Context, call_next: Handler) -> Message:
     """Answer the SecAgg+ stage a message carries; pass any other message through."""
     if SECAGG not in msg.content.config_records:
@@ -85,9 +98,9 @@ def setup(config: ConfigRecord, context: Context) -> dict[str, Any]:
     context.state.config_records[SECAGG_STATE] = ConfigRecord(
         {
             **{k: config[k] for k in config if k != K.STAGE},
-            "enc-sk": private_bytes(enc_sk),
-            "mask-sk": private_bytes(mask_sk),
-            "seed": secrets.token_bytes(SEED_BYTES),
+            S.ENC_SK: private_bytes(enc_sk),
+            S.MASK_SK: private_bytes(mask_sk),
+            S.SEED: secrets.token_bytes(SEED_BYTES),
         }
     )
     return {K.PK_ENC: public_key_to_bytes(enc_pk), K.PK_MASK: public_key_to_bytes(mask_pk)}
@@ -102,9 +115,9 @@ def share_keys(config: ConfigRecord, state: ConfigRecord, me: int) -> dict[str, 
         raise ValueError("the server named peers that are not this client's neighbours")
     if len(peers) + 1 < t:
         raise ValueError(f"only {len(peers)} neighbours left; the threshold is {t}")
-    seed_shares = create_shares(cast(bytes, state["seed"]), t, len(peers) + 1)
-    key_shares = create_shares(cast(bytes, state["mask-sk"]), t, len(peers) + 1)
-    enc_sk = private_key(cast(bytes, state["enc-sk"]))
+    seed_shares = create_shares(cast(bytes, state[S.SEED]), t, len(peers) + 1)
+    key_shares = create_shares(cast(bytes, state[S.MASK_SK]), t, len(peers) + 1)
+    enc_sk = private_key(cast(bytes, state[S.ENC_SK]))
     pk_enc = cast(list[bytes], config[K.PK_ENC])
     keys = [agreed_key(enc_sk, bytes_to_public_key(pk)) for pk in pk_enc]  # kept for stage 2
     ciphertexts = [
@@ -114,9 +127,9 @@ def share_keys(config: ConfigRecord, state: ConfigRecord, me: int) -> dict[str, 
         )
     ]
     state[K.PEERS] = peers
-    state["enc-keys"] = keys
+    state[S.ENC_KEYS] = keys
     state[K.PK_MASK] = list(cast(list[bytes], config[K.PK_MASK]))
-    state["own-seed-share"], state["own-key-share"] = seed_shares[-1], key_shares[-1]
+    state[S.OWN_SEED_SHARE], state[S.OWN_KEY_SHARE] = seed_shares[-1], key_shares[-1]
     return {K.PEERS: peers, K.CIPHERTEXTS: ciphertexts}
 
 
@@ -126,7 +139,7 @@ def open_shares(
     """The shares forwarded to this client, by sender; a share that does not decrypt, or
     names another sender or receiver, is left out (its sender will be excluded)."""
     keys = dict(
-        zip(cast(list[int], state[K.PEERS]), cast(list[bytes], state["enc-keys"]), strict=True)
+        zip(cast(list[int], state[K.PEERS]), cast(list[bytes], state[S.ENC_KEYS]), strict=True)
     )
     opened: dict[int, tuple[bytes, bytes]] = {}
     for src, ciphertext in zip(
@@ -174,8 +187,8 @@ def collect(msg: Message, context: Context, call_next: Handler, state: ConfigRec
         raise ValueError(f"weight {weight} is outside 0..{int(number(state, K.MAX_WEIGHT))}")
     update = flat_update(answer.content.array_records[key], sent)
     vector = encode(update, weight, number(state, K.CLIP_RANGE), int(number(state, K.QUANT_BITS)))
-    add_mask(vector, cast(bytes, state["seed"]), 1)
-    mask_sk = private_key(cast(bytes, state["mask-sk"]))
+    add_mask(vector, cast(bytes, state[S.SEED]), 1)
+    mask_sk = private_key(cast(bytes, state[S.MASK_SK]))
     pk_mask = dict(
         zip(cast(list[int], state[K.PEERS]), cast(list[bytes], state[K.PK_MASK]), strict=True)
     )
@@ -185,8 +198,8 @@ def collect(msg: Message, context: Context, call_next: Handler, state: ConfigRec
         )
     accepted = sorted(opened)
     state[K.ACCEPTED] = accepted
-    state["seed-shares"] = [opened[p][0] for p in accepted]
-    state["key-shares"] = [opened[p][1] for p in accepted]
+    state[S.SEED_SHARES] = [opened[p][0] for p in accepted]
+    state[S.KEY_SHARES] = [opened[p][1] for p in accepted]
     content = RecordDict(
         {
             **{name: rec for name, rec in answer.content.items() if name != key},
@@ -209,8 +222,8 @@ def unmask(config: ConfigRecord, state: ConfigRecord, me: int) -> dict[str, Any]
         raise ValueError("the server's lists of survivors and dropouts are inconsistent")
     if len(alive) < t:
         raise ValueError(f"only {len(alive)} of this client's share holders survived; t is {t}")
-    seed_shares = dict(zip(accepted, cast(list[bytes], state["seed-shares"]), strict=True))
-    key_shares = dict(zip(accepted, cast(list[bytes], state["key-shares"]), strict=True))
-    seed_shares[me] = cast(bytes, state["own-seed-share"])
+    seed_shares = dict(zip(accepted, cast(list[bytes], state[S.SEED_SHARES]), strict=True))
+    key_shares = dict(zip(accepted, cast(list[bytes], state[S.KEY_SHARES]), strict=True))
+    seed_shares[me] = cast(bytes, state[S.OWN_SEED_SHARE])
     shares = [seed_shares[p] for p in alive] + [key_shares[p] for p in dead]
     return {K.PEERS: alive + dead, K.SHARES: shares}
