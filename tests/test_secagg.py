@@ -125,6 +125,14 @@ def test_sum_equals_fedavg_within_quantization() -> None:
     assert step < err <= 2 * clip / 2**4
 
 
+def test_rebuilding_in_worker_processes_gives_the_same_sum(monkeypatch) -> None:
+    import fedge.strategies.secagg.server as server
+
+    monkeypatch.setattr(server, "PARALLEL_FROM", 2)  # (64 secrets and more, in a real run)
+    arrays, _, _ = one_round(6)
+    assert_close(arrays, fedavg_of(nodes(6)), tol=1e-5)
+
+
 def test_sparse_graph_sum_and_degree() -> None:
     arrays, strategy, _ = one_round(30, degree=6, threshold=0.5)
     assert strategy.report["secagg_degree"] == 6
