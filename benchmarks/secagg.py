@@ -24,11 +24,14 @@ from typing import Any
 
 from flwr.app import Message, RecordDict
 
-from fedge.config import RunConfig
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from simulation import load_average, tree_rss  # noqa: E402  (benchmarks/ is no package)
+
+from fedge.config import RunConfig  # noqa: E402
+from fedge.server.app import prepare, run_server  # noqa: E402
+from fedge.server.observer import PassThroughGrid  # noqa: E402
+from fedge.simulation.ray_grid import RayGrid, init_ray  # noqa: E402
 
 
 def payload_bytes(content: RecordDict) -> int:
@@ -47,33 +50,24 @@ def payload_bytes(content: RecordDict) -> int:
     return total
 
 
-def counting_grid(grid: Any) -> Any:
-    """`grid`, counting the payload bytes that go down to the clients and come back up."""
-    from fedge.server.observer import PassThroughGrid  # here: see measure()
+class CountingGrid(PassThroughGrid):
+    """Counts the payload bytes that go down to the clients and come back up."""
 
-    class CountingGrid(PassThroughGrid):
-        def __init__(self, grid: Any) -> None:
-            super().__init__(grid)
-            self.down = self.up = 0
+    def __init__(self, grid: RayGrid) -> None:
+        super().__init__(grid)
+        self.down = self.up = 0
 
-        def send_and_receive(
-            self, messages: Iterable[Message], *, timeout: float | None = None
-        ) -> Iterable[Message]:
-            messages = list(messages)
-            self.down += sum(payload_bytes(m.content) for m in messages)
-            replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-            self.up += sum(payload_bytes(r.content) for r in replies if r.has_content())
-            return replies
-
-    return CountingGrid(grid)
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        messages = list(messages)
+        self.down += sum(payload_bytes(m.content) for m in messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        self.up += sum(payload_bytes(r.content) for r in replies if r.has_content())
+        return replies
 
 
 def measure(clients: int, rounds: int, secure: bool, out: Path) -> dict[str, Any]:
-    # imported here, not above: the server's Shamir worker processes (spawned) re-import this
-    # script, and these would load torch into each
-    from fedge.server.app import prepare, run_server
-    from fedge.simulation.ray_grid import RayGrid
-
     cfg = RunConfig.from_mapping(
         {
             "backend": "ray",
@@ -86,7 +80,7 @@ def measure(clients: int, rounds: int, secure: bool, out: Path) -> dict[str, Any
         }
     )
     grid = RayGrid(clients, seed=cfg.seed)
-    counter = counting_grid(grid)
+    counter = CountingGrid(grid)
     try:
         history = run_server(counter, cfg, prepare(cfg))
     finally:
@@ -122,8 +116,6 @@ def main() -> None:
             done.wait(0.2)
 
     threading.Thread(target=sample, daemon=True).start()
-    from fedge.simulation.ray_grid import init_ray
-
     init_ray()
     print(f"load average at start: {load_average()}", flush=True)
     print(

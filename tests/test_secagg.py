@@ -19,7 +19,16 @@ from fedge.server.observer import PassThroughGrid
 from fedge.simulation.local_grid import NODE_ID_BASE, LocalGrid
 from fedge.strategies.secagg import SecAggPlus, secaggplus_mod
 from fedge.strategies.secagg.masking import graph_degree, harary_graph
-from fedge.wire import ARRAYS, METRICS, NUM_EXAMPLES, SECAGG, SECAGG_MASKED, SecAggKey, SecAggStage
+from fedge.wire import (
+    ARRAYS,
+    METRICS,
+    NUM_EXAMPLES,
+    SECAGG,
+    SECAGG_MASKED,
+    SECAGG_STATE,
+    SecAggKey,
+    SecAggStage,
+)
 
 SHAPES = {"w": (3, 4), "b": (5,)}
 STAGES = [SecAggStage.SETUP, SecAggStage.SHARE_KEYS, SecAggStage.COLLECT, SecAggStage.UNMASK]
@@ -125,14 +134,6 @@ def test_sum_equals_fedavg_within_quantization() -> None:
     assert step < err <= 2 * clip / 2**4
 
 
-def test_rebuilding_in_worker_processes_gives_the_same_sum(monkeypatch) -> None:
-    import fedge.strategies.secagg.server as server
-
-    monkeypatch.setattr(server, "PARALLEL_FROM", 2)  # (64 secrets and more, in a real run)
-    arrays, _, _ = one_round(6)
-    assert_close(arrays, fedavg_of(nodes(6)), tol=1e-5)
-
-
 def test_sparse_graph_sum_and_degree() -> None:
     arrays, strategy, _ = one_round(30, degree=6, threshold=0.5)
     assert strategy.report["secagg_degree"] == 6
@@ -226,6 +227,26 @@ def test_refuses_strategies_that_need_plain_updates() -> None:
 
 
 # --- fedge's run: its ClientApp carries the mod; flags and refusals ---------------------
+def test_fedges_client_app_answers_the_setup_stage() -> None:
+    from flwr.app import ConfigRecord as Config
+
+    from fedge.client.app import app
+    from fedge.compat import claim_server_identity
+
+    claim_server_identity(1)
+    K = SecAggKey
+    setup = Config({K.STAGE: SecAggStage.SETUP, K.ROUND: 1, K.NEIGHBOURS: [101, 102]})
+    setup.update({K.THRESHOLD: 2, K.CLIP_RANGE: 1.0, K.QUANT_BITS: 24, K.MAX_WEIGHT: 10})
+    setup[K.WEIGHT_KEY] = NUM_EXAMPLES
+    message = Message(RecordDict({SECAGG: setup}), dst_node_id=100, message_type="train")
+    context = Context(run_id=1, node_id=100, node_config={}, state=RecordDict(), run_config={})
+    reply = app(message, context)
+    keys = reply.content.config_records[SECAGG]
+    assert keys[K.PK_ENC].startswith(b"-----BEGIN PUBLIC KEY") and keys[K.PK_MASK] != keys[K.PK_ENC]
+    assert SECAGG_STATE in context.state.config_records  # its secrets stay on the node
+
+
+@pytest.mark.slow
 def test_fedge_run_with_secure_aggregation_matches_plain(tmp_path, small_run) -> None:
     from fedge.simulation import simulate
 

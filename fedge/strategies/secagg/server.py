@@ -16,11 +16,8 @@ SecAggPlusWorkflow (setup, share keys, collect masked vectors, unmask).
 
 from __future__ import annotations
 
-import multiprocessing
-import os
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -72,9 +69,6 @@ REFUSED = {
     Bulyan: "selects plain updates by their distances to the others (Krum, then trimming)",
     QFedAvg: "weights each plain update by its client's loss",
 }
-
-
-PARALLEL_FROM = 64  # secrets to rebuild from which worker processes pay for their start
 
 
 class SecAggAbort(Exception):
@@ -400,10 +394,10 @@ class SecAggPlus(Strategy):
                 (seed_shares[peer] if peer in alive else key_shares[peer]).append(share)
         vectors = [cast(np.ndarray, masked_vector(r)) for r in survivors.values()]
         total = np.stack(vectors).sum(axis=0, dtype=np.uint64)  # wraps in Z_2^64
-        for seed in self.rebuild(run, seed_shares, "mask seed").values():
-            add_mask(total, seed, -1)
-        for node, key in self.rebuild(run, key_shares, "mask key").items():
-            secret = private_key(key)
+        for node, shares in seed_shares.items():
+            add_mask(total, self.rebuild(run, node, shares, "mask seed"), -1)
+        for node, shares in key_shares.items():
+            secret = private_key(self.rebuild(run, node, shares, "mask key"))
             if public_key_to_bytes(secret.public_key()) != run.keys[node][1]:
                 raise SecAggAbort(f"node {node}'s rebuilt mask key does not match its public key")
             for peer in alive:
@@ -452,34 +446,21 @@ class SecAggPlus(Strategy):
             self.lose(run, stage, node, "never answered")
         return answers
 
-    def rebuild(
-        self, run: ProtocolRun, shares: dict[int, list[bytes]], what: str
-    ) -> dict[int, bytes]:
-        """Each node's secret from t of its shares (Flower's Shamir, in pure Python: the
-        server's main cost, so many run on every core); abort if one cannot be rebuilt."""
-        for node, got in shares.items():
-            if len(got) < run.t:
-                raise SecAggAbort(
-                    f"only {len(got)} shares of node {node}'s {what} came back; t = {run.t}"
-                )
-        jobs = [got[: run.t] for got in shares.values()]
-        workers = os.cpu_count() or 1
-        if len(jobs) >= PARALLEL_FROM and workers > 1:
-            context = multiprocessing.get_context("spawn")  # no fork of a threaded server
-            with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                secrets = [pool.submit(combine_shares, job) for job in jobs]
-                return self.check_rebuilt(shares, [future_secret(f) for f in secrets], what)
-        return self.check_rebuilt(shares, [combine(job) for job in jobs], what)
-
-    def check_rebuilt(
-        self, shares: dict[int, list[bytes]], secrets: list[bytes | None], what: str
-    ) -> dict[int, bytes]:
-        rebuilt = {}
-        for node, secret in zip(shares, secrets, strict=True):
-            if secret is None or (what == "mask seed" and len(secret) != SEED_BYTES):
-                raise SecAggAbort(f"node {node}'s {what} could not be rebuilt from its shares")
-            rebuilt[node] = secret
-        return rebuilt
+    def rebuild(self, run: ProtocolRun, node: int, shares: list[bytes], what: str) -> bytes:
+        """A secret from t of its shares (Flower's Shamir); abort if too few came back."""
+        if len(shares) < run.t:
+            raise SecAggAbort(
+                f"only {len(shares)} shares of node {node}'s {what} came back; t = {run.t}"
+            )
+        try:
+            secret = combine_shares(shares[: run.t])
+        except ValueError:
+            raise SecAggAbort(
+                f"node {node}'s {what} could not be rebuilt from its shares"
+            ) from None
+        if what == "mask seed" and len(secret) != SEED_BYTES:
+            raise SecAggAbort(f"node {node}'s rebuilt {what} has {len(secret)} bytes")
+        return secret
 
     def lose(self, run: ProtocolRun, stage: str, node: int, why: str) -> None:
         run.dropped[stage] = run.dropped.get(stage, 0) + 1
@@ -499,22 +480,6 @@ class SecAggPlus(Strategy):
             "secagg_seconds": run.seconds,
             "num_clients": aggregated,  # whose updates are in the sum (0: a failed round)
         }
-
-
-def combine(shares: list[bytes]) -> bytes | None:
-    """Flower's Shamir reconstruction; None if the shares do not combine."""
-    try:
-        return combine_shares(shares)
-    except ValueError:
-        return None
-
-
-def future_secret(future: Future) -> bytes | None:
-    """A reconstruction run in a worker process (which imports Flower's Shamir only)."""
-    try:
-        return future.result()
-    except ValueError:
-        return None
 
 
 def readable(*keys: bytes) -> bool:
