@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from fedge.config import ConfigError, RunConfig, parse_option
+from fedge.processes import reap_tree_on_exit
 
 # RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
 SIMULATION_ONLY = frozenset(
     {"backend", "ray_address", "client_cpus", "client_gpus", "dropout_rate"}
-)
+) | {"devices", "device_options", "deadline", "over_select"}  # the virtual clock
 NOT_FLAGS = {"resume"}  # set by `--resume DIR`
 
 
@@ -111,26 +112,48 @@ def print_table(history: list[dict[str, Any]], metric: str) -> None:
     Console(highlight=False).print(table)
 
 
+def print_target(cfg: RunConfig, history: list[dict[str, Any]]) -> None:
+    """With `--target-accuracy`: when the run first reached it (virtual time if clocked)."""
+    from fedge.server.history import time_to_target
+    from fedge.tasks import task_class
+
+    if not cfg.target_accuracy:
+        return
+    task = task_class(cfg.task)
+    hit = time_to_target(history, task.metric, cfg.target_accuracy, task.higher_is_better)
+    goal = f"{task.metric} {cfg.target_accuracy:g}"
+    if hit is None:
+        print(f"time to {goal}: not reached in {len(history)} rounds")
+        return
+    virtual = f", {hit['virtual_time']:.1f} s of virtual time" if "virtual_time" in hit else ""
+    print(f"time to {goal}: round {hit['round']:.0f}{virtual} ({hit['seconds']:.1f} s wall)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from fedge.simulation import simulate
     from fedge.tasks import task_class
 
     cfg = config_from_args(args)
+    reap_tree_on_exit()  # Ray's agents would outlive a killed `fedge run`
     history = simulate(cfg)
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from fedge.server.deploy import serve
+    from fedge.server.deploy import listen_settings, serve
     from fedge.tasks import task_class
 
     if args.min_clients is not None:
         args.num_clients = args.min_clients
     cfg = config_from_args(args, skip=SIMULATION_ONLY)
-    history = serve(cfg, host=args.host, port=args.port, tls_dir=args.tls, auth=args.auth)
+    given = {"host": args.host, "port": args.port, "tls_dir": args.tls, "auth": args.auth}
+    reap_tree_on_exit()  # Flower's SuperExec and ServerApp would outlive a killed server
+    history = serve(cfg, **listen_settings(cfg.out, cfg.resume, given))
     print_table(history, task_class(cfg.task).metric)
+    print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
     return 0
 
@@ -186,11 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     server = sub.add_parser("server", help="start a Flower SuperLink and run the federation")
     add_run_flags(server, skip=SIMULATION_ONLY)
     server.add_argument("--min-clients", type=int, help="clients to wait for (= --num-clients)")
-    server.add_argument("--host", default="127.0.0.1", help="address to listen on [127.0.0.1]")
-    server.add_argument("--port", type=int, default=9092, help="SuperLink port [9092]")
-    server.add_argument("--tls", metavar="DIR", help="serve over TLS with `fedge certs DIR` files")
+    resumed = "; --resume: as the run had it"
+    server.add_argument("--host", help=f"address to listen on [127.0.0.1{resumed}]")
+    server.add_argument("--port", type=int, help=f"SuperLink port [9092{resumed}]")
     server.add_argument(
-        "--auth", action="store_true", help="admit only clients enrolled in DIR/clients/*.pub"
+        "--tls", metavar="DIR", help=f"serve over TLS with `fedge certs DIR` files [{resumed[2:]}]"
+    )
+    server.add_argument(
+        "--auth",
+        action="store_true",
+        default=None,
+        help=f"admit only clients enrolled in DIR/clients/*.pub [{resumed[2:]}]",
     )
     server.set_defaults(func=cmd_server)
 

@@ -13,7 +13,8 @@ Flower's SuperExec and `flwr-clientapp` do (acquire a task, pull its input, push
 reply and the task's output), with Flower's own client and functions; it removes the
 SuperNode's fixed sleeps (3 s when no message came, 0.5 s while waiting for a reply) and
 Flower's 1 s first retry of an object not uploaded yet; the SuperLink reports the devices
-it refuses.
+it refuses and keeps messages' objects (model arrays in flight) in memory while its state
+(runs, nodes, enrolled keys) stays in its database.
 
 None of these is in Flower's public API; a Flower upgrade that moves one breaks
 `self_test()` here, loudly, and nowhere else.
@@ -66,6 +67,7 @@ __all__ = [
     "empty_run",
     "error_reply",
     "generate_key_pairs",
+    "keep_objects_in_memory",
     "load_client_app",
     "message_bytes",
     "message_from_bytes",
@@ -307,6 +309,45 @@ def report_refused_nodes(report: Callable[[str], None]) -> None:
     fleet_handlers.activate_node = activate_node
 
 
+def keep_objects_in_memory() -> None:
+    """In this SuperLink process, keep the ObjectStore (the arrays of messages in flight) in
+    memory and only the LinkState in `--database`. Flower puts both in the database: every
+    object a message is split into (two per array) is then an SQL insert, select and delete
+    behind an HTTP request, the bulk of a deployed round's requests. The objects live only
+    until their message is delivered; a restarted SuperLink starts a new run anyway. Call
+    before `flower_superlink()`."""
+    import flwr.superlink.main as superlink_main
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    factories = superlink_main.get_objectstore_linkstate_factories
+
+    def in_memory_objects(database: str, federation_manager: Any) -> tuple[Any, Any]:
+        if database.strip().lower().partition("://")[0] not in ("", "sqlite"):
+            return factories(database, federation_manager)  # another backend: Flower's way
+        objects = ObjectStoreFactory()  # Flower's in-memory store
+        return objects, LinkStateFactory(database, federation_manager, objects)
+
+    setattr(superlink_main, "get_objectstore_linkstate_factories", in_memory_objects)  # noqa: B010
+
+
+def _check_object_store_split() -> None:
+    """The SuperLink still builds its stores through the function fedge replaces, and a
+    LinkState still takes its ObjectStore from the factory it is given."""
+    import flwr.superlink.main as superlink_main
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    source = Path(inspect.getsourcefile(superlink_main) or "").read_text()
+    if "= get_objectstore_linkstate_factories(" not in source:
+        raise RuntimeError("the SuperLink no longer builds its stores as fedge expects")
+    params = list(inspect.signature(LinkStateFactory).parameters)
+    if params[:3] != ["database", "federation_manager", "objectstore_factory"]:
+        raise RuntimeError(f"LinkStateFactory changed its parameters: {params}")
+    if not callable(getattr(ObjectStoreFactory(), "store", None)):
+        raise RuntimeError("ObjectStoreFactory has no store()")
+
+
 def _check_refusal_hook() -> None:
     """The SuperLink's router still activates nodes through the handler fedge wraps."""
     from flwr.supercore.error import ApiErrorCode, FlowerError
@@ -386,6 +427,7 @@ def self_test() -> None:
         _check_supernode_sleeps()
         _check_object_pulls()
         _check_refusal_hook()
+        _check_object_store_split()
         _check_runtime_api()
         claim_server_identity(run_id=7)
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")

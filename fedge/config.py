@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,9 @@ class RunConfig:
         default_factory=dict, metadata={"help": "keyword options of the task"}
     )
     data_dir: str | None = opt(None, "folder with a real dataset for the task (else offline data)")
-    num_clients: int = opt(10, "total clients (partitions); the server waits for this many")
+    num_clients: int = opt(
+        CLIENT_DEFAULTS.num_clients, "total clients (partitions); the server waits for this many"
+    )
     clients_per_round: int = opt(0, "clients sampled per round (0: all)")
     rounds: int = opt(5, "federated rounds")
     strategy: str = opt("fedavg", "strategy name or module:Class")
@@ -102,6 +105,25 @@ class RunConfig:
     )
     out: str = opt("runs/latest", "folder for history.json, checkpoints and plots")
     device: str = opt(CLIENT_DEFAULTS.device, "torch device for training: cpu, cuda, or auto")
+
+    # --- device populations, the virtual clock and selection (issue 18) ------------------
+    # server-side only (POPULATION_FIELDS); checked in `_validate_population`
+    devices: str = opt(
+        "", "device profiles: '' (none, no virtual clock), generated, or a .csv/.json trace"
+    )
+    device_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "parameters of generated devices (fedge.simulation.devices.DeviceModel)"},
+    )
+    deadline: float = opt(0.0, "virtual seconds a round may last; later clients drop (0: none)")
+    over_select: float = opt(1.0, "sample this many times clients_per_round; keep the first K")
+    target_accuracy: float = opt(
+        0.0, "report the virtual time at which the task's metric first reaches this (0: none)"
+    )
+    selection: str = opt("random", "client selection: random (the strategy's) or oort")
+    selection_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "selector options (fedge.strategies.oort)"}
+    )
 
     # --- loading ------------------------------------------------------------------------
     @classmethod
@@ -230,6 +252,44 @@ class RunConfig:
             "cannot continue a run with track_divergence (its shadow SGD is not checkpointed)",
             self.resume,
         )
+        self._validate_population()
+
+    def _validate_population(self) -> None:
+        """The device-population fields: ranges, and the clock they need."""
+        _check(self.deadline >= 0, "deadline", "must be >= 0 virtual seconds", self.deadline)
+        _check(self.over_select >= 1, "over_select", "must be >= 1", self.over_select)
+        _check(
+            self.selection in SELECTIONS,
+            "selection",
+            f"must be one of {SELECTIONS}",
+            self.selection,
+        )
+        _check(self.target_accuracy >= 0, "target_accuracy", "must be >= 0", self.target_accuracy)
+        for name in ("deadline", "over_select"):
+            _check(
+                bool(self.devices) or getattr(self, name) == getattr(RunConfig, name),
+                name,
+                "needs the virtual clock: set devices (generated or a trace file)",
+                getattr(self, name),
+            )
+        _check(
+            not self.device_options or bool(self.devices),
+            "device_options",
+            "apply to a device population: set devices",
+            self.device_options,
+        )
+        _check(
+            not self.devices or self.backend in ("ray", "local"),
+            "devices",
+            "the virtual clock runs on fedge's engines: use backend ray or local",
+            self.devices,
+        )
+        _check(
+            math.ceil(self.over_select * self.sampled_per_round) <= self.num_clients,
+            "over_select",
+            f"samples more clients than num_clients ({self.num_clients})",
+            self.over_select,
+        )
 
     # --- derived ------------------------------------------------------------------------
     @property
@@ -248,7 +308,6 @@ BACKENDS = ("ray", "local", "flower")
 # field of `fedge.wire.ClientSpec` (tests check that the two sets cover RunConfig)
 SERVER_FIELDS = frozenset(
     {
-        "num_clients",
         "clients_per_round",
         "rounds",
         "strategy",
@@ -276,6 +335,20 @@ SERVER_FIELDS = frozenset(
         "out",
     }
 )
+SELECTIONS = ("random", "oort")
+# the device-population fields (issue 18) stay on the server too
+POPULATION_FIELDS = frozenset(
+    {
+        "devices",
+        "device_options",
+        "deadline",
+        "over_select",
+        "target_accuracy",
+        "selection",
+        "selection_options",
+    }
+)
+SERVER_FIELDS = SERVER_FIELDS | POPULATION_FIELDS
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

@@ -1,6 +1,7 @@
 """Starting, watching and stopping child processes: the Flower processes fedge runs for the
-user, `fedge` commands run by this Python, and servers that announce themselves on stdout
-(`ReadyProcess`, e.g. two `fedge pir-server` parties: `PIRServerProcess`)."""
+user, `fedge` commands run by this Python, servers that announce themselves on stdout
+(`ReadyProcess`, e.g. two `fedge pir-server` parties: `PIRServerProcess`), and a reaper
+that kills what a killed command leaves behind (`reap_tree_on_exit`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -87,6 +89,72 @@ def die_with_parent() -> None:
     `fedge server` leaves no SuperLink holding its port (PR_SET_PDEATHSIG = 1)."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+TREE_ENV = "FEDGE_PROCESS_TREE"  # the token every process of one fedge command carries
+_reaped_pid: int | None = None  # the process that started its reaper (a fork inherits this)
+
+
+def reap_tree_on_exit() -> None:
+    """Tag every process this one starts from now on, and start a reaper that kills the
+    tagged ones once this process is gone, however it ended (kill -9 included). Ray's agents
+    (DashboardAgent, RuntimeEnvAgent) and Flower's SuperExec/ServerApp do not die with their
+    parent; they inherit the tag through their environment, as every descendant does.
+    A process needs one reaper, however many commands it runs (tests call `main` often)."""
+    global _reaped_pid
+    if _reaped_pid == os.getpid():
+        return
+    _reaped_pid = os.getpid()
+    token = uuid.uuid4().hex
+    os.environ[TREE_ENV] = token
+    subprocess.Popen(
+        [sys.executable, "-m", "fedge.processes", "reap", str(os.getpid()), token],
+        start_new_session=True,  # not in the group a Ctrl-C or a test's killpg reaches
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def tagged(token: str, variable: str = TREE_ENV) -> list[int]:
+    """Processes (but this one) whose environment sets `variable` to `token`."""
+    mark, found = f"{variable}={token}".encode(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        found.append(int(name))
+            except OSError:  # gone, or not ours to read
+                continue
+    return found
+
+
+def reap(pid: int, token: str) -> None:
+    """Wait until `pid` has exited, then SIGKILL every process tagged with `token`."""
+    try:
+        fd = os.pidfd_open(pid)
+        sel = selectors.DefaultSelector()
+        sel.register(fd, selectors.EVENT_READ)
+        sel.select()  # readable once the process has exited
+    except OSError:  # already gone, or no pidfd: poll
+        while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+            time.sleep(0.2)
+    for _ in range(3):  # a dying parent may still be starting one
+        for child in tagged(token):
+            try:
+                os.kill(child, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.2)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return False
 
 
 def start(
@@ -200,3 +268,7 @@ def pir_server_processes(table_path: str | Path, host: str = "127.0.0.1") -> Ite
             servers.append(PIRServerProcess(table_path, party, host))
             stack.callback(servers[-1].stop)
         yield [server.address() for server in servers]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["reap"]:
+    reap(int(sys.argv[2]), sys.argv[3])

@@ -32,6 +32,7 @@ SERVER_ROUND = "server-round"  # written by every Flower strategy
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx: the proximal term's weight
 ALGORITHM = "algorithm"  # fedge's strategies: the client half to run (SCAFFOLD, FedNova)
 CLIPPING_NORM = KEY_CLIPPING_NORM  # Flower's client-side DP: clip the update to this norm
+VIRTUAL_NOW = "virtual-now"  # an asynchronous strategy's clock (FedBuff): when it sent this
 
 # --- secure aggregation (SecAgg+, fedge.strategies.secagg) ------------------------------
 SECAGG = "secagg"  # the ConfigRecord of a protocol stage, in the instruction and the reply
@@ -96,6 +97,8 @@ FIRST_COMPUTE_SECONDS = "first_compute_seconds"  # ClientApp start to first comp
 EVAL_SECONDS = "eval_seconds"  # local evaluation
 UPLOAD_SECONDS = "upload_seconds"  # the reply's making on the device to its arrival (server)
 DEVICE_SECONDS = "device_seconds"  # instruction made -> reply arrived (server)
+TRAIN_LOSS_SQUARED = "train_loss_squared"  # mean squared batch loss (Oort's utility)
+VIRTUAL_SECONDS = "virtual_seconds"  # the virtual clock: the device's round (compute + transfer)
 
 
 # what a MetricRecord holds (Flower's record value types)
@@ -128,6 +131,7 @@ class ClientSpec:
     data_dir: str = ""  # dataset folder ("" for the task's offline data)
     partition: str = "iid"  # partition scheme (fedge.data.partition)
     seed: int = 0  # seeds partitions, local data order and simulated faults
+    num_clients: int = 10  # partitions the server cut the data into (a partition device's count)
     shared_fraction: float = 0.0  # Zhao's alpha: size of the shared subset G
     shared_per_client: float = 1.0  # Zhao's beta: the fraction of G each client mixes in
     local_epochs: int = 2  # passes over local data per round
@@ -166,6 +170,14 @@ class ClientSpec:
                 f"this client was started for task {local_task!r} but the server runs "
                 f"{values['task']!r}; start the client with the server's --task"
             )
+        sent_clients = config.get(_key("num_clients"))
+        if PARTITION_ID in node_config and sent_clients is not None:
+            if int(node_config[NUM_PARTITIONS]) != int(sent_clients):
+                raise ValueError(
+                    f"this client was started with --num-partitions "
+                    f"{node_config[NUM_PARTITIONS]} but the server runs {sent_clients} clients; "
+                    f"start it with --num-partitions {sent_clients}"
+                )
         if node_config.get(NODE_DATA_DIR):
             values["data_dir"] = str(node_config[NODE_DATA_DIR])
         if NODE_MAX_TRAIN_SECONDS in node_config:

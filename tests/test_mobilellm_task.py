@@ -99,6 +99,22 @@ def test_lora_fine_tunes_a_pretrained_checkpoint_through_adapters_only(task, tmp
     assert after < before * 0.97
 
 
+def test_lora_starts_from_a_runs_final_model(task, tmp_path):
+    trained = task.build_model()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(1.0)  # anything but the fresh init
+    torch.save(trained.state_dict(), tmp_path / "final_model.pt")
+    init = str(tmp_path / "final_model.pt")
+    model = build_task("mobilellm", seq_len=32, init=init, trainable="lora").build_model()
+    state = model.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in trained.state_dict().items())
+    with pytest.raises(ValueError, match="does not fit model config 'tiny-wide'"):
+        build_task("mobilellm", seq_len=32, init=init, config="tiny-wide").build_model()
+    with pytest.raises(ValueError, match="not a readable state_dict"):
+        build_task("mobilellm", seq_len=32, init=str(tmp_path / "nope.pt")).build_model()
+
+
 def test_layerskip_training_lowers_perplexity_at_every_exit():
     ls = build_task(
         "mobilellm", seq_len=32, layer_dropout=0.2, early_exit_scale=1.0, curriculum="rotational"

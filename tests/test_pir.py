@@ -207,6 +207,11 @@ def test_errors_are_clear():
         pir.query([100], 100)
     with pytest.raises(IndexError, match="out of range"):
         pir.query([-1], 100)
+    for fractional in ([3.7], np.array([0.5]), [True], ["7"]):
+        with pytest.raises(ValueError, match="must be integers"):
+            pir.query(fractional, 100)
+    with pytest.raises(ValueError, match=r"flat sequence.*\(2, 2\)"):
+        pir.query([[1, 2], [3, 4]], 100)
     keys_a, keys_b = pir.query([1], 100)
     with pytest.raises(ValueError, match="party"):
         pir.PIRServer(table, party=0).answer(keys_b)

@@ -45,6 +45,11 @@ def test_client_fetches_exact_rows(servers):
         assert client.fetch(many).tobytes() == table[many].tobytes()
         with pytest.raises(IndexError, match="out of range"):
             client.fetch([3001])
+        with pytest.raises(ValueError, match="must be integers, got 3.7"):
+            client.fetch([3.7])
+        with pytest.raises(ValueError, match="flat sequence"):
+            client.fetch(np.zeros((2, 3), np.int64))
+        assert client.fetch([17.0]).tobytes() == table[[17]].tobytes()
 
 
 def test_concurrent_clients_share_passes_and_get_their_own_rows(servers):

@@ -19,6 +19,8 @@ from fedge.wire import (
     NODE_MAX_TRAIN_SECONDS,
     NODE_TASK,
     NUM_EXAMPLES,
+    NUM_PARTITIONS,
+    PARTITION_ID,
     STEPS,
     ClientSpec,
 )
@@ -41,6 +43,7 @@ def test_every_client_facing_field_survives_the_round_trip():
         "data_dir": "/data/speech",
         "partition": "dirichlet:0.3",
         "seed": 17,
+        "num_clients": 40,
         "shared_fraction": 0.1,
         "shared_per_client": 0.5,
         "local_epochs": 3,
@@ -74,6 +77,14 @@ def test_the_node_wins_for_its_own_data_and_budget_and_must_run_the_servers_task
     assert (mine.data_dir, mine.max_train_seconds) == ("/mine", 2.0)
     with pytest.raises(ValueError, match="started for task 'kws'"):
         ClientSpec.from_record(sent, {NODE_TASK: "kws"})
+
+
+def test_a_partition_device_must_cut_the_data_as_the_server_does():
+    sent = ClientSpec.from_run(RunConfig(num_clients=3)).to_record()
+    assert ClientSpec.from_record(sent, {PARTITION_ID: 1, NUM_PARTITIONS: 3}).num_clients == 3
+    with pytest.raises(ValueError, match="--num-partitions 5 but the server runs 3 clients"):
+        ClientSpec.from_record(sent, {PARTITION_ID: 1, NUM_PARTITIONS: 5})
+    ClientSpec.from_record(sent, {NODE_DATA_DIR: "/mine"})  # a device with its own data: any
 
 
 def test_a_client_given_an_empty_config_trains_with_the_run_defaults():

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset
 from fedge.client.faults import faulty_arrays
 from fedge.data.shared import Federation, client_split, federation
 from fedge.data.stats import client_emds
+from fedge.edge.packing import packing_mod
 from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
@@ -56,6 +57,7 @@ from fedge.wire import (
     STEPS,
     STOPPED_EARLY,
     TRAIN_LOSS,
+    TRAIN_LOSS_SQUARED,
     TRAIN_SECONDS,
     UPDATE_BYTES,
     WAIT_SECONDS,
@@ -113,6 +115,9 @@ def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task,
         if not spec.data_dir:
             raise ValueError("this device has no partition and no data-dir: start it with one")
         return task, task.train_dataset(), task.test_dataset()
+    own = task.client_data(partition_of(node_config)[0])
+    if own is not None:  # a task that makes each client's data (synthetic)
+        return task, own.train, own.eval
     train_idx, eval_idx = client_indices(spec, node_config)
     return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
 
@@ -182,9 +187,12 @@ def label_skew_metrics(
 ) -> dict[str, Any]:
     """A partition's EMD against the whole pool; a device's own data: its label counts
     (the server, holding the reference distribution, computes the EMD)."""
-    labels = task.train_labels()
     if owns_data(node_config):
-        return {LABEL_COUNTS: np.bincount(labels).astype(int).tolist()}
+        return {LABEL_COUNTS: np.bincount(task.train_labels()).astype(int).tolist()}
+    own = task.client_data(partition_of(node_config)[0])
+    if own is not None:
+        return {LABEL_COUNTS: own.label_counts}
+    labels = task.train_labels()
     train_idx, _ = client_indices(spec, node_config)
     return {EMD: float(client_emds(labels, [train_idx])[0])}
 
@@ -199,7 +207,8 @@ def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, fl
     }
 
 
-app = ClientApp(mods=[secaggplus_mod])  # answers SecAgg+ stages; passes all else through
+# a packed instruction (from `fedge server`) is unpacked first; then SecAgg+ stages answered
+app = ClientApp(mods=[packing_mod, secaggplus_mod])
 
 
 @app.train()
@@ -227,6 +236,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             NUM_EXAMPLES: num_samples(train_data),
             TRAIN_LOSS: report.loss,
+            TRAIN_LOSS_SQUARED: report.loss_squared,
             TRAIN_SECONDS: time.perf_counter() - started,
             **arrival_metrics(msg, entered, loaded),
             PEAK_RSS_MB: peak_rss_mb(),

@@ -29,7 +29,15 @@ import grpc
 import numpy as np
 
 from fedge.privacy.dpf import KeyBatch
-from fedge.privacy.pir import PIRServer, TableSpec, default_device, query, reconstruct, warm_up
+from fedge.privacy.pir import (
+    PIRServer,
+    TableSpec,
+    default_device,
+    query,
+    reconstruct,
+    row_indices,
+    warm_up,
+)
 
 SERVICE = "fedge.pir.PIR"
 FRAME_VERSION = 1
@@ -312,7 +320,7 @@ class PrivateEmbeddingClient:
 
     def fetch(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Rows `ids` of the servers' table; neither server learns which."""
-        idx = np.asarray(ids, dtype=np.int64).reshape(-1)
+        idx = row_indices(ids)
         if idx.size == 0:
             return np.empty((0, *self.spec.row_shape), self.spec.dtype)
         parts = []

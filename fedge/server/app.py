@@ -37,11 +37,13 @@ from fedge.data.divergence import (
 from fedge.files import atomic_write_bytes
 from fedge.server.checkpoint import resume_point, save_round
 from fedge.server.history import History, load_history
-from fedge.server.observer import RoundObserver, update_check
+from fedge.server.observer import PassThroughGrid, RoundObserver, update_check
 from fedge.server.polling import PromptGrid
 from fedge.server.preflight import check_partitions
 from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
+from fedge.strategies.oort import with_oort
+from fedge.strategies.registry import round_metrics
 from fedge.strategies.secagg import SecAggPlus
 from fedge.tasks import Task, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
@@ -79,7 +81,8 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
     deadline = time.monotonic() + timeout
     last_seen = -1
     while True:
-        seen = len(list(grid.get_node_ids()))
+        nodes = grid.population() if isinstance(grid, PassThroughGrid) else grid.get_node_ids()
+        seen = len(list(nodes))
         if seen >= expected:
             return seen
         if seen != last_seen:
@@ -96,10 +99,19 @@ def wait_for_nodes(grid: Grid, expected: int, timeout: float, poll: float = 0.5)
 def sampling(cfg: RunConfig) -> dict[str, Any]:
     """Strategy sampling arguments: `sampled_per_round` clients a round while all are
     connected, proportionally fewer when some have died (Flower would otherwise wait for
-    the dead to come back). fedge waits for all clients itself before round 1."""
+    the dead to come back). fedge waits for all clients itself before round 1. Under a
+    virtual clock, `over_select` x that many of the nodes online (the clock keeps enough)."""
     k, n = cfg.sampled_per_round, cfg.num_clients
     n_eval = math.ceil(cfg.eval_fraction * k)
     hair = 1e-9  # Flower takes int(connected * fraction): k / n * n may round down to k - 1
+    if cfg.devices:  # the virtual clock offers only online nodes: take exactly F x K of them
+        return {
+            "fraction_train": hair,
+            "min_train_nodes": math.ceil(cfg.over_select * k),
+            "fraction_evaluate": hair if n_eval else 0.0,
+            "min_evaluate_nodes": n_eval,
+            "min_available_nodes": 1,
+        }
     return {
         "fraction_train": min(1.0, k / n + hair),
         "min_train_nodes": 1,
@@ -117,12 +129,14 @@ def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
         f"round {record['round']}/{rounds}  {metric} {shown}  "
         f"loss {loss:.4f}  clients {record.get('num_clients', 0)}"
         f" ({record.get('failures', 0)} failed)  {record['seconds']:.1f} s"
+        + (f"  virtual {record['virtual_time']:.1f} s" if "virtual_time" in record else "")
     )
 
 
 def build_run_strategy(cfg: RunConfig) -> Strategy:
-    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0 and for
-    secure aggregation (outermost: it masks what DP's clients clipped) if asked."""
+    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0, in
+    Oort's selector with `selection = "oort"`, and for secure aggregation (outermost: it
+    masks what DP's clients clipped) if asked."""
     options = dict(cfg.strategy_options)
     if cfg.dp_noise > 0:
         options.setdefault("weighted_by_key", DP_WEIGHT)  # equal weights, as DP accounting needs
@@ -136,6 +150,8 @@ def build_run_strategy(cfg: RunConfig) -> Strategy:
             population=cfg.num_clients,
             delta=cfg.dp_delta,
         )
+    if cfg.selection == "oort":
+        strategy = with_oort(strategy, cfg.selection_options, cfg.seed)
     if cfg.secure_aggregation:
         strategy = SecAggPlus(
             strategy,
@@ -207,7 +223,7 @@ def run_server(
     # under secure aggregation the server never sees an update to check: clipping bounds it
     check = None if cfg.secure_aggregation else update_check(model, cfg.max_update_norm)
     observer = RoundObserver(grid, check=check)
-    wait_for_nodes(grid, cfg.num_clients, timeout=cfg.round_timeout)
+    wait_for_nodes(observer, cfg.num_clients, timeout=cfg.round_timeout)
     random.seed(cfg.seed * 1_000_003 + done)  # Flower samples nodes with the global `random`
     console.print(
         f"fedge: task {cfg.task}, strategy {type(strategy).__name__}, "
@@ -226,9 +242,7 @@ def run_server(
             console.print(f"{start}: {task.metric} {metrics.get(task.metric, math.nan):.4f}")
         else:
             replies = observer.take_round()
-            extra = privacy_spent(strategy)
-            if isinstance(strategy, SecAggPlus):  # protocol figures; a failed round: its reason
-                extra.update(strategy.report)
+            extra = {**privacy_spent(strategy), **round_metrics(strategy)}
             if shadow is not None:  # Zhao: T local steps <-> T SGD steps
                 steps = fedavg_round_steps(replies.train)
                 shadow_state = shadow.step(server_round, steps, spec.round_lr(server_round))

@@ -69,6 +69,29 @@ address = "{address}"
 """
 
 FLOWER_LOG_PREFIXES = ("\x1b[92mINFO", "INFO ", "\x1b[94mDEBUG")
+LISTEN_FILE = "listen.json"  # in the run's state folder: where `fedge server` listened
+LISTEN_DEFAULTS: dict[str, Any] = {
+    "host": "127.0.0.1",
+    "port": 9092,
+    "tls_dir": None,
+    "auth": False,
+}
+
+
+def listen_settings(out: str, resume: bool, given: dict[str, Any]) -> dict[str, Any]:
+    """Where to listen: what was given, else (resuming) where the run listened before, so
+    its devices find it again, else the defaults."""
+    saved: dict[str, Any] = {}
+    path = Path(out, "state", LISTEN_FILE)
+    if resume and path.exists():
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--resume {out}: {path} is damaged ({exc}); give --port") from None
+    return {
+        key: given[key] if given.get(key) is not None else saved.get(key, default)
+        for key, default in LISTEN_DEFAULTS.items()
+    }
 
 
 def write_run_files(
@@ -148,8 +171,11 @@ def serve(
     out = cfg_path.parent
     cmd = superlink_command(host, port, tls_dir, auth, out / "state" / "superlink.db")
     (out / "state").mkdir(exist_ok=True)
-    # the SuperLink's SuperExec looks for the ServerApp task every 0.1 s (Flower: 1 s)
-    env = {"FLWR_HOME": str(flwr_home), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+    listen = {"host": host, "port": port, "tls_dir": tls_dir, "auth": auth}
+    (out / "state" / LISTEN_FILE).write_text(json.dumps(listen))
+    # The SuperLink's SuperExec looks for a ServerApp task at Flower's 1 s: that costs at most
+    # a second at the start of a run, while 0.1 s kept the SuperLink busy answering it all run.
+    env = {"FLWR_HOME": str(flwr_home)}
     superlink = start(cmd, log=out / "superlink.log", env=env)
     done = threading.Event()
     threading.Thread(target=echo_refusals, args=(out / "superlink.log", done), daemon=True).start()
@@ -164,7 +190,7 @@ def serve(
             f"  fedge client --server {address} --task {cfg.task} --partition-id I "
             f"--num-partitions {cfg.num_clients}{secure}"
         )
-        run_flower_app(app_dir, cfg_path, env, out / "server.log")
+        run_flower_app(app_dir, cfg_path, env, out / "server.log", append=cfg.resume)
     finally:
         done.set()
         stop(superlink)
@@ -188,8 +214,11 @@ def echo_refusals(log: Path, done: threading.Event) -> None:
                 print(line, end="", flush=True)
 
 
-def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path) -> None:
-    """`flwr run --stream`: show fedge's own lines, keep Flower's chatter in the log file."""
+def run_flower_app(
+    app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path, append: bool = False
+) -> None:
+    """`flwr run --stream`: show fedge's own lines, keep Flower's chatter in the log file
+    (appended to when the run is resumed)."""
     cmd = [
         flower_tool("flwr"),
         "run",
@@ -200,7 +229,7 @@ def run_flower_app(app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path
         "--stream",
     ]
     with (
-        open(log, "w") as logfile,
+        open(log, "a" if append else "w") as logfile,
         subprocess.Popen(
             cmd,
             stdout=subprocess.PIPE,

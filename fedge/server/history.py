@@ -155,6 +155,7 @@ class History:
             **label_skew(replies.train, self.reference),
             "rejected": replies.rejected,
             **replies.drift,
+            **replies.extra,
             **extra,
             **summarize_evaluate(replies.evaluate),
             "seconds": seconds,
@@ -212,3 +213,22 @@ def load_history(out: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"{path} does not exist: did the run finish a round?") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is damaged ({exc}); rerun or restore it") from None
+
+
+def time_to_target(
+    records: list[dict[str, Any]], metric: str, target: float, higher_is_better: bool = True
+) -> dict[str, float] | None:
+    """The first round whose `metric` reaches `target`: its round, its virtual time (where the
+    run had a virtual clock) and the wall seconds the run had taken; None if none did."""
+    wall = 0.0
+    for record in records:
+        wall += record.get("seconds") or 0.0
+        value = record.get(metric)
+        if value is None:
+            continue
+        if (value >= target) if higher_is_better else (value <= target):
+            out = {"round": record["round"], "seconds": wall}
+            if record.get("virtual_time") is not None:
+                out["virtual_time"] = record["virtual_time"]
+            return out
+    return None

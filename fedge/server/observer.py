@@ -41,6 +41,7 @@ class RoundReplies:
     rejected: int = 0  # training replies the update check refused
     drift: dict[str, float] = field(default_factory=dict)  # `drift_mean`, `drift_max`
     evaluate: list[Message] = field(default_factory=list)  # federated evaluation replies
+    extra: dict[str, Any] = field(default_factory=dict)  # the grid's own (virtual clock)
 
 
 class PassThroughGrid(Grid):
@@ -61,6 +62,17 @@ class PassThroughGrid(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         return self.grid.get_node_ids()
+
+    def population(self) -> Iterable[int]:
+        """Every connected node, online or not (a virtual clock offers only the online ones
+        to sampling, through `get_node_ids`)."""
+        inner = self.grid
+        return inner.population() if isinstance(inner, PassThroughGrid) else inner.get_node_ids()
+
+    def round_extra(self) -> dict[str, Any]:
+        """What a wrapper measured in the last round for its history record (a virtual
+        clock's time, stragglers, dropped clients); {} by default."""
+        return self.grid.round_extra() if isinstance(self.grid, PassThroughGrid) else {}
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         return self.grid.push_messages(messages)
@@ -127,6 +139,7 @@ class RoundObserver(PassThroughGrid):
             rejected=rejected,
             drift=client_drift([d for d, _ in drift], [n for _, n in drift]),
             evaluate=evaluate,
+            extra=self.round_extra(),
         )
 
 

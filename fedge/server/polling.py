@@ -1,11 +1,13 @@
-"""A Grid that waits for replies without fixed sleeps.
+"""A Grid that waits for replies without fixed sleeps and sends one array per record.
 
 Flower's `HttpGrid.send_and_receive` (the Grid of a ServerApp under a SuperLink) sleeps 3 s
 between pulls, and waits 1 s (then 2 s, ...) for a reply whose objects are still being
 uploaded. `PromptGrid` pushes and pulls through the wrapped grid's public methods, waits
 10 ms after a pull that brought a reply, growing to 100 ms while none comes, and has
 Flower retry a missing object after 5 ms (`fedge.compat.patch_object_pulls`). It stamps
-each reply with its delivery times (`stamp_delivery`).
+each reply with its delivery times (`stamp_delivery`). It packs each ArrayRecord it sends
+into one array and unpacks the replies (`fedge.edge.packing`: a message's objects, one HTTP
+request each through the SuperLink, fall from two per tensor to two per record).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedge import compat
+from fedge.edge.packing import is_packed, pack, unpack
 from fedge.edge.poll import Backoff
 from fedge.server.observer import PassThroughGrid
 from fedge.wire import DEVICE_SECONDS, METRICS, UPLOAD_SECONDS
@@ -36,12 +39,31 @@ def stamp_delivery(reply: Message, sent_at: float | None) -> None:
 
 
 class PromptGrid(PassThroughGrid):
-    """`grid` with a `send_and_receive` that polls for replies with a short backoff."""
+    """`grid` with a `send_and_receive` that polls for replies with a short backoff, and
+    messages packed on the wire."""
 
     def __init__(self, grid: Grid, low: float = 0.01, high: float = 0.1) -> None:
         compat.patch_object_pulls("flwr.superlink.grid.http_grid")
         super().__init__(grid)
         self.low, self.high = low, high
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        plain = [message.content for message in messages]
+        for message in messages:
+            message.content = pack(message.content)
+        try:
+            return list(self.grid.push_messages(messages))
+        finally:  # the caller's messages keep what the strategy put in them
+            for message, content in zip(messages, plain, strict=True):
+                message.content = content
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self.grid.pull_messages(message_ids))
+        for reply in replies:
+            if not reply.has_error() and is_packed(reply.content):
+                reply.content = unpack(reply.content)
+        return replies
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None

@@ -18,10 +18,25 @@ from fedge.data.divergence import run_federation
 from fedge.data.partition import parse_scheme
 from fedge.errors import ConfigError
 from fedge.tasks import Task
+from fedge.wire import CLIENT_DEFAULTS
 
 
 def check_partitions(task: Task, cfg: RunConfig) -> None:
-    """Every client gets training data under the run's partition scheme."""
+    """Every client gets training data under the run's partition scheme; a task that makes
+    each client's data (synthetic) has nothing to partition or share."""
+    if task.client_data(0) is not None:
+        pooled = {
+            "partition": cfg.partition not in ("natural", CLIENT_DEFAULTS.partition),
+            "shared_fraction": cfg.shared_fraction > 0,
+            "track_divergence": cfg.track_divergence,
+        }
+        for name, needs_pool in pooled.items():
+            if needs_pool:
+                raise ConfigError(
+                    f"{name}: task {cfg.task} makes each client's own data, so there is no "
+                    f"pool to partition, share or train centrally; got {getattr(cfg, name)!r}"
+                )
+        return
     labels = task.train_labels()
     name, arg = parse_scheme(cfg.partition)
     classes = len(np.unique(labels))

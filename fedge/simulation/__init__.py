@@ -3,7 +3,8 @@
 `LocalGrid` (fedge.simulation.local_grid) calls the ClientApp in-process; `RayGrid`
 (fedge.simulation.ray_grid) serves it from a pool of Ray actors; `backend = "flower"` uses
 Flower's own `run_simulation`. All run the same ServerApp (`fedge.server.app.run_server`)
-and ClientApp (`fedge.client.app.app`).
+and ClientApp (`fedge.client.app.app`). With `devices` set, fedge's engines run on the
+virtual clock of a device population (`fedge.simulation.clock`, `fedge.simulation.devices`).
 """
 
 from __future__ import annotations
@@ -11,10 +12,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flwr.serverapp import Grid
+
 from fedge.config import RunConfig
 from fedge.server.app import build_server_app, prepare, run_server
 from fedge.server.history import load_history
 from fedge.server.preflight import prepare_out
+from fedge.simulation.clock import load_population, with_clock
+from fedge.simulation.local_grid import VirtualGrid
 
 __all__ = ["simulate"]
 
@@ -28,8 +33,13 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
     from fedge.client.app import app as client_app
 
     prepared = prepare(cfg)
+    devices = load_population(cfg, prepared.task) if cfg.devices else None
     prepare_out(cfg)
     _quiet_flower()
+
+    def on_clock(grid: VirtualGrid) -> Grid:
+        return with_clock(grid, cfg, devices) if devices is not None else grid
+
     if cfg.backend == "ray":
         from fedge.simulation.ray_grid import RayGrid, init_ray
 
@@ -42,13 +52,13 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
             seed=cfg.seed,
         )
         try:
-            return run_server(grid, cfg, prepared)
+            return run_server(on_clock(grid), cfg, prepared)
         finally:
             grid.shutdown()
     if cfg.backend == "local":
         from fedge.simulation.local_grid import LocalGrid
 
-        return run_server(LocalGrid(client_app, cfg.num_clients), cfg, prepared)
+        return run_server(on_clock(LocalGrid(client_app, cfg.num_clients)), cfg, prepared)
     if cfg.backend == "flower":
         from flwr.simulation import run_simulation
 

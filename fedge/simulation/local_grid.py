@@ -41,6 +41,11 @@ def call_client_app(app: ClientApp, message: Message, context: Context) -> Messa
     return reply
 
 
+def array_bytes(content: RecordDict) -> int:
+    """Bytes of model arrays in a message: a reply to it is about as large."""
+    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+
+
 class VirtualGrid(Grid):
     """What every fedge simulation grid shares: `num_nodes` virtual nodes with fixed ids
     (partition i is node NODE_ID_BASE + i) and the SuperLink's identity in this process."""

@@ -44,6 +44,7 @@ from fedge.plugins import load_object
 from fedge.simulation.local_grid import (
     NODE_ID_BASE,
     VirtualGrid,
+    array_bytes,
     call_client_app,
     node_config,
 )
@@ -347,11 +348,6 @@ class RayGrid(VirtualGrid):
         for actor in self.actors:
             ray.kill(actor)
         self.actors = []
-
-
-def array_bytes(content: RecordDict) -> int:
-    """Bytes of model arrays in a message: a reply to it is about as large."""
-    return sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:

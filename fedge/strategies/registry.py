@@ -33,6 +33,7 @@ STRATEGIES: dict[str, tuple[Any, dict[str, Any]]] = {
     "qfedavg": (fl.QFedAvg, {}),
     "scaffold": ("fedge.strategies.scaffold:Scaffold", {}),
     "fednova": ("fedge.strategies.fednova:FedNova", {}),
+    "fedbuff": ("fedge.strategies.fedbuff:FedBuff", {}),
 }
 
 # config["algorithm"] a strategy sends -> the client half it needs ("module:Class")
@@ -70,6 +71,13 @@ def client_algorithm(name: str) -> ClientAlgorithm | None:
             f"{sorted(CLIENT_ALGORITHMS)}: update fedge on the client"
         )
     return load_object(CLIENT_ALGORITHMS[name])()
+
+
+def round_metrics(strategy: fl.Strategy) -> dict[str, Any]:
+    """What a strategy reports for the round's history record (FedBuff: its virtual time
+    and staleness; Oort: its preferred round time); {} for most strategies."""
+    report = getattr(strategy, "round_metrics", None)
+    return report() if report else {}
 
 
 def strategy_class(name: str) -> type[fl.Strategy]:

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 import torch
@@ -52,13 +52,25 @@ class TrainConfig:
 @dataclass
 class TrainReport:
     """What local training did: examples seen, optimizer steps, mean loss, wall seconds,
-    and whether the round budget cut it short."""
+    whether the round budget cut it short, and the example-weighted mean of the squared
+    batch losses (Oort's statistical utility)."""
 
     num_examples: int
     steps: int
     loss: float
     seconds: float
     stopped_early: bool
+    loss_squared: float = 0.0
+
+
+class OwnData(NamedTuple):
+    """A client's own data, made by a task for that client: train and evaluation splits and
+    the training split's examples per label over all the task's labels (the client reports
+    these counts, never samples)."""
+
+    train: Dataset
+    eval: Dataset
+    label_counts: list[int]
 
 
 class Task(ABC):
@@ -93,6 +105,12 @@ class Task(ABC):
 
     def train_groups(self) -> np.ndarray | None:
         """A natural group per training sample (speaker, topic), or None if the task has none."""
+        return None
+
+    def client_data(self, partition_id: int) -> OwnData | None:
+        """Client `partition_id`'s own data, for a task that makes each client's data itself
+        (any population: nothing is cut from a pool, and client k's data depends only on the
+        seed and k); None (the default): clients cut `train_dataset()` by the run's scheme."""
         return None
 
     @abstractmethod
@@ -215,7 +233,7 @@ def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) ->
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     anchor = [p.detach().clone() for p in params] if cfg.proximal_mu > 0 else None
     start = time.perf_counter()
-    steps, seen, loss_sum, stopped = 0, 0, 0.0, False
+    steps, seen, loss_sum, square_sum, stopped = 0, 0, 0.0, 0.0, False
     for batch in _batches(task, data, cfg):
         budget_gone = cfg.max_seconds > 0 and time.perf_counter() - start >= cfg.max_seconds
         if budget_gone or (cfg.max_steps and steps >= cfg.max_steps):
@@ -237,10 +255,12 @@ def train_loop(task: Task, model: nn.Module, data: Dataset, cfg: TrainConfig) ->
         steps += 1
         seen += n
         loss_sum += loss.item() * n
+        square_sum += loss.item() ** 2 * n
     return TrainReport(
         num_examples=seen,
         steps=steps,
         loss=loss_sum / max(seen, 1),
         seconds=time.perf_counter() - start,
         stopped_early=stopped,
+        loss_squared=square_sum / max(seen, 1),
     )

@@ -15,6 +15,10 @@ TASKS: dict[str, str] = {
     "asr": "fedge.tasks.asr.task:ASRTask",
     "kws": "fedge.tasks.asr.task:KeywordTask",
     "hrvit": "fedge.tasks.hrvit.task:HRViTTask",
+    "synthetic": "fedge.tasks.synthetic:SyntheticTask",
+    "femnist": "fedge.tasks.leaf:FemnistTask",
+    "shakespeare": "fedge.tasks.leaf:ShakespeareTask",
+    "sent140": "fedge.tasks.leaf:Sent140Task",
 }
 
 

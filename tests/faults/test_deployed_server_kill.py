@@ -1,6 +1,7 @@
 """Fault: a deployed `fedge server` (TLS + SuperNode auth) is killed with SIGKILL mid-run.
-`fedge server --resume` restarts the SuperLink from its database; the same client processes
-carry on, and the history holds every round exactly once. Real processes on 127.0.0.1."""
+`fedge server --resume` restarts the SuperLink from its database, on the port and with the
+TLS and auth settings of the killed run; the same client processes carry on, and the
+history holds every round exactly once. Real processes on 127.0.0.1."""
 
 import os
 import signal
@@ -42,8 +43,10 @@ def test_kill_9_deployed_server_then_resume(tmp_path, launch):
     server.wait()
     assert rounds_of(out) and rounds_of(out)[-1] < 3
 
-    resumed = launch("server2", "server", "--resume", str(out), *secure)
+    server_log = (out / "server.log").read_text()
+    resumed = launch("server2", "server", "--resume", str(out))  # port, TLS, auth: as before
     assert resumed.wait(timeout=900) == 0, (logs / "server2").read_text()[-2000:]
+    assert (out / "server.log").read_text().startswith(server_log)  # appended to, not replaced
     assert rounds_of(out) == [1, 2, 3]
     assert "resuming" in (logs / "server2").read_text()
     assert all(c.poll() is None for c in clients)  # the devices never had to restart

@@ -128,9 +128,9 @@ def test_device_joining_after_round_2_is_sampled_from_the_next_round_on(tmp_path
     port, out, logs = free_port(), tmp_path / "run", launch.logs
     flags = ["--num-clients", "2", "--rounds", "40", "--eval-fraction", "0", *MLP]
     server = launch("server", "server", *flags, "--port", str(port), "--out", str(out))
-    clients = [launch(f"client{i}", "client", *client_flags(port, i, 3)) for i in (0, 1)]
+    clients = [launch(f"client{i}", "client", *client_flags(port, i, 2)) for i in (0, 1)]
     wait_until(lambda: len(history_of(out)) >= 2, 600, "round 2", proc=server)
-    late = launch("late", "client", *client_flags(port, 2, 3))
+    late = launch("late", "client", *client_flags(port, 1, 2))  # a second holder of part 1
     connected = "SuperNode ID"  # Flower's SuperNode, once the SuperLink has activated it
     wait_until(lambda: connected in (logs / "late").read_text(), 300, "the late join", late)
     joined_after = len(history_of(out))  # rounds done when it joined; the next may be running

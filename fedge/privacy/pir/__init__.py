@@ -30,7 +30,14 @@ from fedge.privacy.pir.layout import (
     pass_work,
     plan_pass,
 )
-from fedge.privacy.pir.protocol import TableSpec, as_words, domain_bits_for, query, reconstruct
+from fedge.privacy.pir.protocol import (
+    TableSpec,
+    as_words,
+    domain_bits_for,
+    query,
+    reconstruct,
+    row_indices,
+)
 from fedge.privacy.pir.server import (
     PIRServer,
     ServerTable,
@@ -66,6 +73,7 @@ __all__ = [
     "pass_work",
     "plan_pass",
     "query",
+    "row_indices",
     "reconstruct",
     "warm_up",
 ]

@@ -48,9 +48,30 @@ class TableSpec:
         return domain_bits_for(self.num_rows)
 
 
+def row_indices(indices: Sequence[int] | np.ndarray) -> np.ndarray:
+    """`indices` as a flat int64 array; a fractional, non-numeric or nested index is an error
+    (a silent cast would fetch another row than the one asked for)."""
+    raw = np.asarray(indices)
+    if raw.ndim > 1:
+        raise ValueError(
+            f"row indices must be a flat sequence, got an array of shape {raw.shape}; "
+            "flatten it first (ids.reshape(-1)) and reshape the rows that come back"
+        )
+    if raw.size and raw.dtype.kind not in "iu":
+        try:
+            as_float = raw.astype(np.float64)
+        except (TypeError, ValueError):
+            as_float = None
+        fractional = [] if as_float is None else as_float[as_float != np.round(as_float)]
+        if as_float is None or raw.dtype.kind != "f" or len(fractional):
+            bad = fractional[0] if len(fractional) else raw.reshape(-1)[0]
+            raise ValueError(f"row indices must be integers, got {bad.item()!r}")
+    return raw.astype(np.int64).reshape(-1)
+
+
 def query(indices: Sequence[int] | np.ndarray, num_rows: int) -> tuple[list[bytes], list[bytes]]:
     """Serialized DPF keys for server A and server B, one pair per requested row."""
-    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    idx = row_indices(indices)
     if idx.size == 0:
         raise ValueError("query needs at least one row index")
     bad = idx[(idx < 0) | (idx >= num_rows)]

@@ -42,6 +42,8 @@ from flwr.serverapp.strategy import (
 
 from fedge.compat import bytes_to_public_key, error_reply, public_key_to_bytes
 from fedge.errors import ConfigError
+from fedge.strategies.oort import Oort
+from fedge.strategies.registry import round_metrics
 from fedge.strategies.secagg.masking import (
     MAX_QUANT_BITS,
     SEED_BYTES,
@@ -214,6 +216,11 @@ class SecAggPlus(Strategy):
 
     def summary(self) -> None:
         self.strategy.summary()
+
+    def round_metrics(self) -> dict[str, Any]:
+        """The round's protocol figures for history (a failed round: its reason), after the
+        wrapped strategy's own (Oort's)."""
+        return {**round_metrics(self.strategy), **self.report}
 
     def privacy_spent(self) -> Any:
         """The wrapped DP strategy's privacy spent (None without DP)."""
@@ -510,9 +517,11 @@ def masked_vector(reply: Message) -> np.ndarray | None:
 
 
 def summing_base(strategy: Strategy) -> Strategy:
-    """The strategy that aggregates, through Flower's client-side DP wrapper; a ConfigError
+    """The strategy that aggregates, through Oort and Flower's client-side DP wrapper; a ConfigError
     naming why for any whose aggregation needs the plain updates."""
     base = strategy
+    if isinstance(base, Oort):  # it only chooses the clients
+        base = base.strategy
     if isinstance(base, DifferentialPrivacyClientSideFixedClipping):
         base = base.strategy
     name = type(base).__name__

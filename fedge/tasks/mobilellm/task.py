@@ -31,10 +31,12 @@ TRAINABLE = ("full", "lora")
 class MobileLLMTask(Task):
     """Next-byte prediction with a MobileLLM decoder, optionally LoRA and LayerSkip.
 
-    Options: config (a name in model.CONFIGS or a local HF checkpoint folder), trainable
-    ("full" | "lora"), lora_rank, lora_alpha, seq_len, num_groups (topic groups),
-    layer_dropout (LayerSkip p_max), early_exit_scale, curriculum ("none" | "rotational" |
-    "gradual"), rotation, curriculum_steps, clip_grad (max gradient norm; 0: off).
+    Options: config (a name in model.CONFIGS or a local HF checkpoint folder), init (a
+    state_dict file of that config to start from, such as a run's final_model.pt: LoRA then
+    adapts a trained model, not a random one), trainable ("full" | "lora"), lora_rank,
+    lora_alpha, seq_len, num_groups (topic groups), layer_dropout (LayerSkip p_max),
+    early_exit_scale, curriculum ("none" | "rotational" | "gradual"), rotation,
+    curriculum_steps, clip_grad (max gradient norm; 0: off).
     """
 
     name = "mobilellm"
@@ -46,6 +48,7 @@ class MobileLLMTask(Task):
         data_dir: str | None = None,
         seed: int = 0,
         config: str = "tiny",
+        init: str = "",
         trainable: str = "full",
         lora_rank: int = 4,
         lora_alpha: float = 8.0,
@@ -63,6 +66,8 @@ class MobileLLMTask(Task):
         if trainable not in TRAINABLE:
             raise ValueError(f"trainable must be one of {TRAINABLE}, got {trainable!r}")
         self.config, self.trainable = config, trainable
+        self.init = init
+        self._init_state: dict[str, torch.Tensor] | None = None
         self.lora_rank, self.lora_alpha = int(lora_rank), float(lora_alpha)
         self.seq_len, self.num_groups = int(seq_len), int(num_groups)
         self.layerskip = LayerSkipConfig(
@@ -94,9 +99,32 @@ class MobileLLMTask(Task):
                     f"model config {self.config!r} (vocab {cfg.vocab_size}, block_size "
                     f"{cfg.block_size}) cannot take byte tokens (256) in windows of {self.seq_len}"
                 )
+            if self.init:
+                self._load_init(model)
             if self.trainable == "lora":
                 apply_lora(model, self.lora_rank, self.lora_alpha)
         return model
+
+    def _load_init(self, model: nn.Module) -> None:
+        """Start from the `init` state_dict (read once per task), which must fit the config."""
+        if self._init_state is None:
+            try:
+                self._init_state = torch.load(self.init, map_location="cpu", weights_only=True)
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise ValueError(f"init {self.init}: not a readable state_dict ({exc})") from None
+        mine, given = model.state_dict(), self._init_state
+        unfit = {
+            "missing": sorted(mine.keys() - given.keys()),
+            "unexpected": sorted(given.keys() - mine.keys()),
+            "of another shape": [k for k in mine if k in given and mine[k].shape != given[k].shape],
+        }
+        if any(unfit.values()):
+            said = ", ".join(f"{len(v)} {what} (e.g. {v[0]})" for what, v in unfit.items() if v)
+            raise ValueError(
+                f"init {self.init} does not fit model config {self.config!r}: {said} keys; "
+                "give the config it was trained with"
+            )
+        model.load_state_dict(given)
 
     def train_labels(self) -> np.ndarray:
         return self.corpus.train_group
