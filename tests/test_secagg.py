@@ -224,6 +224,11 @@ def test_refuses_strategies_that_need_plain_updates() -> None:
         with pytest.raises(ConfigError, match="the server sees only the sum"):
             SecAggPlus(strategy)
     SecAggPlus(FedAdam())  # a weighted mean, then a server step: accepted
+    from fedge.strategies.oort import with_oort
+
+    SecAggPlus(with_oort(FedAvg(), {}))  # Oort only chooses the clients: accepted
+    with pytest.raises(ConfigError, match="FedMedian"):
+        SecAggPlus(with_oort(FedMedian(), {}))
 
 
 # --- fedge's run: its ClientApp carries the mod; flags and refusals ---------------------
