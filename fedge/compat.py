@@ -5,7 +5,7 @@ Flower's SuperLink does and does not expose publicly: give the server process a 
 identity (run id, the SuperLink's node id) so that `Message(...)` can be built, and stamp
 each instruction with a message id. fedge's strategies use Flower's weighted aggregation of
 ArrayRecords (SCAFFOLD), its RDP accountant and the config key its client-side DP wrapper
-sends (differential privacy).
+sends (differential privacy), and the key pairs its legacy SecAgg+ makes (secure aggregation).
 
 fedge's edge runtime (`fedge.edge`) is a long-lived ClientApp process beside a SuperNode
 started with `--isolation process`. It speaks the SuperNode's Runtime API the way
@@ -37,6 +37,11 @@ from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SubStatus
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.primitives.asymmetric import (
+    bytes_to_public_key,
+    generate_key_pairs,
+    public_key_to_bytes,
+)
 from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.supercore.run import Run
@@ -57,15 +62,18 @@ __all__ = [
     "aggregate_arrayrecords",
     "assign_message_id",
     "bare_context",
+    "bytes_to_public_key",
     "claim_server_identity",
     "empty_run",
     "error_reply",
+    "generate_key_pairs",
     "keep_objects_in_memory",
     "load_client_app",
     "message_bytes",
     "message_from_bytes",
     "patch_object_pulls",
     "patch_supernode_sleeps",
+    "public_key_to_bytes",
     "report_refused_nodes",
     "runtime_client",
     "self_test",

@@ -88,6 +88,16 @@ class RunConfig:
     dp_noise: float = opt(0.0, "differential privacy noise multiplier (0: off); clients clip")
     dp_clip: float = opt(1.0, "differential privacy: clipping norm of each client's update")
     dp_delta: float = opt(1e-5, "differential privacy: the delta that epsilon is reported at")
+    # --- secure aggregation (SecAgg+, fedge.strategies.secagg) ---------------------------
+    secure_aggregation: bool = opt(False, "SecAgg+: the server learns only the sum of updates")
+    secagg_threshold: float = opt(
+        0.5, "SecAgg+: shares needed to rebuild a client's secrets, a fraction of its holders"
+    )
+    secagg_clip_range: float = opt(
+        1.0, "SecAgg+: each entry of an update is clipped to [-R, R] before quantization"
+    )
+    secagg_quantization: int = opt(24, "SecAgg+: bits per quantized update entry (1..30)")
+    # --- end of secure aggregation ---------------------------------------------------------
     resume: bool = opt(False, "continue the run in `out` from its last intact round")
     overwrite: bool = opt(False, "clear a non-empty `out` first (else only `resume` may reuse it)")
     max_failed_rounds: int = opt(
@@ -220,6 +230,22 @@ class RunConfig:
         _check(self.dp_noise >= 0, "dp_noise", "must be >= 0", self.dp_noise)
         _check(self.dp_clip > 0, "dp_clip", "must be > 0", self.dp_clip)
         _check(0 < self.dp_delta < 1, "dp_delta", "must be in (0, 1)", self.dp_delta)
+        # secure aggregation
+        _check(
+            0 < self.secagg_threshold <= 1,
+            "secagg_threshold",
+            "must be in (0, 1]",
+            self.secagg_threshold,
+        )
+        _check(
+            self.secagg_clip_range > 0, "secagg_clip_range", "must be > 0", self.secagg_clip_range
+        )
+        _check(
+            1 <= self.secagg_quantization <= 30,
+            "secagg_quantization",
+            "must be 1..30 bits",
+            self.secagg_quantization,
+        )
         _check(
             not (self.resume and self.track_divergence),
             "resume",
@@ -299,6 +325,10 @@ SERVER_FIELDS = frozenset(
         "dp_noise",
         "dp_clip",
         "dp_delta",
+        "secure_aggregation",  # SecAgg+: its settings reach clients in its own stage messages
+        "secagg_threshold",
+        "secagg_clip_range",
+        "secagg_quantization",
         "resume",
         "overwrite",
         "max_failed_rounds",

@@ -34,6 +34,43 @@ ALGORITHM = "algorithm"  # fedge's strategies: the client half to run (SCAFFOLD,
 CLIPPING_NORM = KEY_CLIPPING_NORM  # Flower's client-side DP: clip the update to this norm
 VIRTUAL_NOW = "virtual-now"  # an asynchronous strategy's clock (FedBuff): when it sent this
 
+# --- secure aggregation (SecAgg+, fedge.strategies.secagg) ------------------------------
+SECAGG = "secagg"  # the ConfigRecord of a protocol stage, in the instruction and the reply
+SECAGG_MASKED = "secagg-masked"  # the reply's ArrayRecord holding the masked vector
+SECAGG_STATE = "secagg"  # the client's protocol state, in its Context.state
+
+
+class SecAggKey:
+    """Keys inside the SECAGG ConfigRecord (server -> client, and the replies)."""
+
+    STAGE = "stage"  # one of SecAggStage
+    ROUND = "round"  # the server round the protocol run belongs to
+    NEIGHBOURS = "neighbours"  # setup: the client's neighbours in the graph (node ids)
+    THRESHOLD = "threshold"  # setup: t, shares needed to rebuild a secret
+    CLIP_RANGE = "clip-range"  # setup: each update entry is clipped to [-R, R]
+    QUANT_BITS = "quant-bits"  # setup: an entry is quantized to [0, 2^bits]
+    WEIGHT_KEY = "weight-key"  # setup: the reply metric that weights the client's update
+    MAX_WEIGHT = "max-weight"  # setup: the largest weight that cannot overflow the sum
+    PK_ENC = "pk-enc"  # public key(s) for encrypting shares (c_u^PK)
+    PK_MASK = "pk-mask"  # public key(s) for agreeing on pairwise masks (s_u^PK)
+    PEERS = "peers"  # node ids the lists beside it refer to
+    CIPHERTEXTS = "ciphertexts"  # encrypted shares
+    ACCEPTED = "accepted"  # collect: peers whose shares decrypted and checked out
+    ALIVE = "alive"  # unmask: peers whose mask seed b shares to reveal
+    DEAD = "dead"  # unmask: peers whose mask key s^SK shares to reveal
+    SHARES = "shares"  # unmask: the revealed shares, beside PEERS
+    VECTOR = "vector"  # the masked vector's Array inside SECAGG_MASKED
+
+
+class SecAggStage:
+    """The four rounds of SecAgg+ (Bell et al. 2020, after Bonawitz et al. 2017)."""
+
+    SETUP = "setup"  # advertise keys
+    SHARE_KEYS = "share-keys"  # share the mask seed and mask key
+    COLLECT = "collect"  # train, then send the masked update
+    UNMASK = "unmask"  # reveal shares of the survivors' seeds and the dropouts' keys
+
+
 # --- node-config keys (`flower-supernode --node-config`, or the simulation's nodes) ----
 PARTITION_ID = "partition-id"  # which partition of the task's data this node holds
 NUM_PARTITIONS = "num-partitions"  # how many partitions the data is cut into

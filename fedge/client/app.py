@@ -32,6 +32,7 @@ from fedge.edge.packing import packing_mod
 from fedge.faults import Fault, fault_for, parse_fault
 from fedge.strategies.dp import clip_update
 from fedge.strategies.registry import client_algorithm
+from fedge.strategies.secagg import secaggplus_mod
 from fedge.tasks import Task, TrainConfig, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged, num_samples
 from fedge.wire import (
@@ -206,7 +207,8 @@ def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, fl
     }
 
 
-app = ClientApp(mods=[packing_mod])  # a packed instruction (from `fedge server`) unpacked
+# a packed instruction (from `fedge server`) is unpacked first; then SecAgg+ stages answered
+app = ClientApp(mods=[packing_mod, secaggplus_mod])
 
 
 @app.train()

@@ -44,6 +44,7 @@ from fedge.strategies import build_strategy
 from fedge.strategies.dp import privacy_spent, with_dp
 from fedge.strategies.oort import with_oort
 from fedge.strategies.registry import round_metrics
+from fedge.strategies.secagg import SecAggPlus
 from fedge.tasks import Task, build_task
 from fedge.tasks.base import exchanged_state, load_exchanged
 from fedge.wire import DP_WEIGHT, ClientSpec, MetricValues
@@ -133,8 +134,9 @@ def progress_line(record: dict[str, Any], rounds: int, metric: str) -> str:
 
 
 def build_run_strategy(cfg: RunConfig) -> Strategy:
-    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0 and in
-    Oort's selector with `selection = "oort"`."""
+    """The configured strategy, wrapped for differential privacy if `dp_noise` > 0, in
+    Oort's selector with `selection = "oort"`, and for secure aggregation (outermost: it
+    masks what DP's clients clipped) if asked."""
     options = dict(cfg.strategy_options)
     if cfg.dp_noise > 0:
         options.setdefault("weighted_by_key", DP_WEIGHT)  # equal weights, as DP accounting needs
@@ -150,6 +152,14 @@ def build_run_strategy(cfg: RunConfig) -> Strategy:
         )
     if cfg.selection == "oort":
         strategy = with_oort(strategy, cfg.selection_options, cfg.seed)
+    if cfg.secure_aggregation:
+        strategy = SecAggPlus(
+            strategy,
+            threshold=cfg.secagg_threshold,
+            clip_range=cfg.secagg_clip_range,
+            quantization_bits=cfg.secagg_quantization,
+            timeout=cfg.round_timeout,
+        )
     return strategy
 
 
@@ -210,7 +220,9 @@ def run_server(
             f"loss {report.loss:.4f}"
         )
     shadow = shadow_sgd(task, model, cfg, fed) if fed is not None and cfg.track_divergence else None
-    observer = RoundObserver(grid, check=update_check(model, cfg.max_update_norm))
+    # under secure aggregation the server never sees an update to check: clipping bounds it
+    check = None if cfg.secure_aggregation else update_check(model, cfg.max_update_norm)
+    observer = RoundObserver(grid, check=check)
     wait_for_nodes(observer, cfg.num_clients, timeout=cfg.round_timeout)
     random.seed(cfg.seed * 1_000_003 + done)  # Flower samples nodes with the global `random`
     console.print(

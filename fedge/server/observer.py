@@ -101,7 +101,8 @@ class RoundObserver(PassThroughGrid):
     ) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self.grid.send_and_receive(messages, timeout=timeout))
-        if messages:
+        # instructions without a model are a secure aggregation stage: not the round's replies
+        if messages and messages[0].content.array_records:
             kind = messages[0].metadata.message_type
             if kind == MessageType.TRAIN and self.check is not None:
                 replies = self.screen(messages, replies)
