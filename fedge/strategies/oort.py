@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedge.errors import ConfigError, did_you_mean
 from fedge.strategies.fedbuff import FedBuff
+from fedge.strategies.wrapper import StrategyWrapper
 from fedge.wire import (
     DEVICE_SECONDS,
     METRICS,
@@ -45,7 +46,7 @@ from fedge.wire import (
 )
 
 
-class Oort(Strategy):
+class Oort(StrategyWrapper):
     """`strategy` with Oort choosing its training clients.
 
     alpha: straggler penalty exponent. epsilon, epsilon_decay, epsilon_min: exploration.
@@ -78,7 +79,7 @@ class Oort(Strategy):
                 "oort needs alpha >= 0, window >= 1, 0 < round_percentile <= 100 and "
                 f"pacer_step >= 0; got {alpha}, {window}, {round_percentile}, {pacer_step}"
             )
-        self.strategy = strategy
+        super().__init__(strategy)
         self.alpha, self.epsilon, self.epsilon_decay = alpha, epsilon, epsilon_decay
         self.epsilon_min, self.cutoff, self.window = epsilon_min, cutoff, window
         self.round_percentile, self.pacer_step = round_percentile, pacer_step
@@ -180,20 +181,6 @@ class Oort(Strategy):
             "oort_epsilon": self.epsilon,
             "oort_explored": len(self.utility),
         }
-
-    # --- the rest is the wrapped strategy's ---------------------------------------------
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
 
 def with_oort(strategy: Strategy, options: dict[str, Any], seed: int = 0) -> Oort:

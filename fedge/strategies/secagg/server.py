@@ -58,6 +58,7 @@ from fedge.strategies.secagg.masking import (
     private_key,
     threshold,
 )
+from fedge.strategies.wrapper import StrategyWrapper
 from fedge.wire import SECAGG, SECAGG_MASKED, SecAggKey, SecAggStage
 
 K = SecAggKey
@@ -97,7 +98,7 @@ class ProtocolRun:
     seconds: float = 0.0  # in the stages around training (setup, share keys, unmask)
 
 
-class SecAggPlus(Strategy):
+class SecAggPlus(StrategyWrapper):
     """Secure aggregation of `strategy`'s training round: the server learns only the sum.
 
     Parameters
@@ -137,7 +138,7 @@ class SecAggPlus(Strategy):
             raise ConfigError(
                 f"secagg_quantization: must be 1..{MAX_QUANT_BITS} bits, got {quantization_bits!r}"
             )
-        self.strategy = strategy
+        super().__init__(strategy)
         self.threshold = threshold
         self.clip_range = clip_range
         self.quantization_bits = quantization_bits
@@ -203,19 +204,6 @@ class SecAggPlus(Strategy):
         run.seconds += time.perf_counter() - started
         self.record(run, aggregated=len(survivors))
         return self.strategy.aggregate_train(server_round, [*survivors.values(), *failed])
-
-    def configure_evaluate(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
-        return self.strategy.configure_evaluate(server_round, arrays, config, grid)
-
-    def aggregate_evaluate(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> MetricRecord | None:
-        return self.strategy.aggregate_evaluate(server_round, replies)
-
-    def summary(self) -> None:
-        self.strategy.summary()
 
     def round_metrics(self) -> dict[str, Any]:
         """The round's protocol figures for history (a failed round: its reason), after the
