@@ -93,7 +93,7 @@ def distance(a: dict, b: dict) -> float:
 
 
 def test_fedprox_strategy_sends_mu_and_client_adds_the_proximal_term():
-    cfg = RunConfig(strategy="fedprox", strategy_options={"proximal_mu": 5.0})
+    cfg = RunConfig(strategy="fedprox", strategy_options={"proximal_mu": 5.0}, num_clients=4)
     strategy = build_strategy(cfg.strategy, cfg.strategy_options, {"min_available_nodes": 4})
     grid = LocalGrid(client_app, num_nodes=4)
     weights = ArrayRecord(build_task("digits").build_model().state_dict())
@@ -106,7 +106,7 @@ def test_fedprox_strategy_sends_mu_and_client_adds_the_proximal_term():
 
 
 def test_client_budget_and_device_metrics():
-    cfg = RunConfig(max_train_seconds=0.05, local_epochs=50)
+    cfg = RunConfig(max_train_seconds=0.05, local_epochs=50, num_clients=4)
     task = build_task("digits")
     grid = LocalGrid(client_app, num_nodes=4)
     content = RecordDict(
@@ -124,7 +124,7 @@ def test_client_budget_and_device_metrics():
 def test_a_raising_client_becomes_a_failure_not_a_crash():
     grid = LocalGrid(client_app, num_nodes=2)
     bad = ConfigRecord(
-        {**dict(ClientSpec.from_run(RunConfig()).to_record()), "task": "no-such-task"}
+        {**dict(ClientSpec.from_run(RunConfig(num_clients=2)).to_record()), "task": "no-such-task"}
     )
     content = RecordDict({"arrays": ArrayRecord(), "config": bad})
     (reply,) = grid.send_and_receive([Message(content, NODE_ID_BASE, MessageType.TRAIN)])
