@@ -138,7 +138,7 @@ def reap(pid: int, token: str) -> None:
         sel.register(fd, selectors.EVENT_READ)
         sel.select()  # readable once the process has exited
     except OSError:  # already gone, or no pidfd: poll
-        while os.path.exists(f"/proc/{pid}") and not _is_zombie(pid):
+        while os.path.exists(f"/proc/{pid}") and not is_zombie(pid):
             time.sleep(0.2)
     for _ in range(3):  # a dying parent may still be starting one
         for child in tagged(token):
@@ -149,7 +149,8 @@ def reap(pid: int, token: str) -> None:
         time.sleep(0.2)
 
 
-def _is_zombie(pid: int) -> bool:
+def is_zombie(pid: int) -> bool:
+    """Whether `pid` has exited and waits for its parent to reap it (it still has a pid)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rpartition(")")[2].split()[0] == "Z"

@@ -12,7 +12,7 @@ import uuid
 import pytest
 from faultkit import wait_until
 
-from fedge.processes import fedge_command, free_port, tagged
+from fedge.processes import fedge_command, free_port, is_zombie, tagged
 
 MARK = "FEDGE_TEST_TREE"
 
@@ -21,10 +21,9 @@ def marked(token: str) -> list[str]:
     """Command lines of the live (not zombie) processes that carry this test's mark."""
     found = []
     for pid in tagged(token, variable=MARK):
+        if is_zombie(pid):
+            continue
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rpartition(")")[2].split()[0] == "Z":
-                    continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read().replace(b"\0", b" ").decode()
             found.append(f"{pid}: {cmdline[:120]}")
