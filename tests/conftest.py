@@ -48,3 +48,46 @@ def small_run() -> Callable[..., RunConfig]:
     """`small_run(out, **fields)`: a quick digits run for tests that need a whole federated
     run but not a good model."""
     return make_small_run
+
+
+def run_deployed(server_flags: list[str], clients: int, tmp_path: Path) -> list[dict]:
+    """`fedge server FLAGS` on a free loopback port with `clients` `fedge client` processes
+    (simulated shares); waits for the run, stops every process, returns its history."""
+    import json
+    import subprocess
+
+    from fedge.processes import fedge_command, free_port, stop
+
+    fedge, port, out = fedge_command(), free_port(), tmp_path / "run"
+    server = subprocess.Popen(
+        [*fedge, "server", *server_flags, "--min-clients", str(clients)]
+        + ["--port", str(port), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    devices = [
+        subprocess.Popen(
+            [*fedge, "client", "--server", f"127.0.0.1:{port}", "--partition-id", str(i)]
+            + ["--num-partitions", str(clients)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        for i in range(clients)
+    ]
+    try:
+        output, _ = server.communicate(timeout=840)
+        assert server.returncode == 0, output[-3000:]
+    finally:
+        for proc in [server, *devices]:
+            stop(proc, grace=5)
+    assert all(p.poll() is not None for p in [server, *devices])
+    return json.loads((out / "history.json").read_text())
+
+
+@pytest.fixture
+def deployed(tmp_path: Path) -> Callable[[list[str], int], list[dict]]:
+    """`deployed(server_flags, clients)`: the history of a real deployed run (`run_deployed`)."""
+    return lambda flags, clients: run_deployed(flags, clients, tmp_path)

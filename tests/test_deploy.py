@@ -2,49 +2,19 @@
 
 import json
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from fedge.processes import fedge_command, free_port, stop
+from fedge.processes import fedge_command
 
 FEDGE = fedge_command()
 
 
-def test_server_and_three_client_processes_run_three_rounds(tmp_path):
-    port = free_port()
-    out = tmp_path / "run"
-    server = subprocess.Popen(
-        [*FEDGE, "server", "--task", "digits", "--rounds", "3", "--min-clients", "3"]
-        + ["--port", str(port), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    clients = [
-        subprocess.Popen(
-            [*FEDGE, "client", "--server", f"127.0.0.1:{port}", "--task", "digits"]
-            + ["--partition-id", str(i), "--num-partitions", "3"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for i in range(3)
-    ]
-    try:
-        output, _ = server.communicate(timeout=840)
-        assert server.returncode == 0, output[-3000:]
-    finally:
-        for proc in [server, *clients]:
-            stop(proc, grace=5)
-    assert all(p.poll() is not None for p in [server, *clients])
-    history = json.loads((out / "history.json").read_text())
+def test_server_and_three_client_processes_run_three_rounds(deployed):
+    history = deployed(["--task", "digits", "--rounds", "3"], 3)
     assert [r["round"] for r in history] == [1, 2, 3]
     assert all(r["num_clients"] == 3 and r["failures"] == 0 for r in history)
     assert history[-1]["accuracy"] > 0.6  # chance is 0.1
-    assert "round 3/3" in output and "fedge results" in output
-    assert len(list(Path(out, "checkpoints").glob("round_*.pt"))) == 3
 
 
 def test_client_with_bad_arguments_exits_with_a_clear_error():

@@ -305,39 +305,10 @@ def test_ray_run_with_secure_aggregation_and_dp(tmp_path, small_run) -> None:
 
 
 @pytest.mark.slow
-def test_deployed_server_and_clients_aggregate_securely(tmp_path) -> None:
+def test_deployed_server_and_clients_aggregate_securely(deployed) -> None:
     """`fedge server --secure-aggregation` with three `fedge client` processes (fedge's warm
     runtime): the SuperNodes keep each client's protocol state between the stages."""
-    import json
-    import subprocess
-
-    from fedge.processes import fedge_command, free_port, stop
-
-    fedge, port, out = fedge_command(), free_port(), tmp_path / "run"
-    server = subprocess.Popen(
-        [*fedge, "server", "--rounds", "2", "--min-clients", "3", "--eval-fraction", "0"]
-        + ["--secure-aggregation", "--port", str(port), "--out", str(out)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    clients = [
-        subprocess.Popen(
-            [*fedge, "client", "--server", f"127.0.0.1:{port}", "--partition-id", str(i)]
-            + ["--num-partitions", "3"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        for i in range(3)
-    ]
-    try:
-        output, _ = server.communicate(timeout=840)
-        assert server.returncode == 0, output[-3000:]
-    finally:
-        for proc in [server, *clients]:
-            stop(proc, grace=5)
-    history = json.loads((out / "history.json").read_text())
+    flags = ["--rounds", "2", "--eval-fraction", "0", "--secure-aggregation"]
+    history = deployed(flags, 3)
     assert [r["secagg_aggregated"] for r in history] == [3, 3]
     assert history[-1]["accuracy"] > 0.5  # chance is 0.1
