@@ -12,9 +12,12 @@ started with `--isolation process`. It speaks the SuperNode's Runtime API the wa
 Flower's SuperExec and `flwr-clientapp` do (acquire a task, pull its input, push the
 reply and the task's output), with Flower's own client and functions; it removes the
 SuperNode's fixed sleeps (3 s when no message came, 0.5 s while waiting for a reply) and
-Flower's 1 s first retry of an object not uploaded yet; the SuperLink reports the devices
-it refuses and keeps messages' objects (model arrays in flight) in memory while its state
-(runs, nodes, enrolled keys) stays in its database.
+Flower's 1 s first retry of an object not uploaded yet, and holds the runtime's claim of a
+task until a message has arrived whole. fedge's SuperLink reports the devices it refuses,
+keeps messages' objects (model arrays in flight) in memory while its state (runs, nodes,
+enrolled keys) stays in its database, holds a request for a message, a reply or an object
+until it is there (instead of having SuperNodes and the ServerApp poll), and checks a run's
+status once per quarter second rather than on every object.
 
 None of these is in Flower's public API; a Flower upgrade that moves one breaks
 `self_test()` here, loudly, and nowhere else.
@@ -28,7 +31,7 @@ import re
 import time
 import types
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,10 +66,13 @@ __all__ = [
     "assign_message_id",
     "bare_context",
     "bytes_to_public_key",
+    "cache_run_checks",
     "claim_server_identity",
     "empty_run",
     "error_reply",
     "generate_key_pairs",
+    "hold_superlink_polls",
+    "hold_task_claims",
     "keep_objects_in_memory",
     "load_client_app",
     "message_bytes",
@@ -78,6 +84,7 @@ __all__ = [
     "runtime_client",
     "self_test",
     "set_message_id",
+    "wake_on_replies",
 ]
 
 
@@ -238,18 +245,18 @@ SUPERNODE_REPLY_SLEEP = 0.5
 
 
 def patch_supernode_sleeps(
-    idle_wait: Callable[[], None], on_message: Callable[[], None], reply_poll: float
+    idle_wait: Callable[[], None], on_message: Callable[[], None], reply_wait: Callable[[], None]
 ) -> None:
     """Replace the SuperNode's fixed sleeps in this process: `idle_wait()` instead of the
-    3 s idle sleep, `on_message()` after each message pulled, `reply_poll` seconds
-    between looks for a reply. Call before `flower_supernode()`."""
+    3 s idle sleep, `on_message()` after each message pulled, `reply_wait()` between looks
+    for the ClientApp's reply and its objects (0.5 s each). Call before `flower_supernode()`."""
     import flwr.supernode.start_client_internal as sci
 
     def sleep(seconds: float) -> None:
         if seconds == SUPERNODE_IDLE_SLEEP:
             idle_wait()
         elif seconds == SUPERNODE_REPLY_SLEEP:
-            time.sleep(reply_poll)
+            reply_wait()
         else:
             time.sleep(seconds)
 
@@ -331,6 +338,140 @@ def keep_objects_in_memory() -> None:
     setattr(superlink_main, "get_objectstore_linkstate_factories", in_memory_objects)  # noqa: B010
 
 
+# `hold(key, call, is_empty)` answers a request, waiting while `is_empty(call())`;
+# `notify(keys)` wakes the requests held for those keys (see `fedge.edge.poll.Waits`)
+Hold = Callable[[Hashable, Callable[[], Any], Callable[[Any], bool]], Any]
+Notify = Callable[[Iterable[Hashable]], None]
+Args = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _arg(call: Args, name: str, index: int) -> Any:
+    """A handler's argument, passed by keyword (the Fleet router) or by position (Runtime)."""
+    args, kwargs = call
+    return kwargs[name] if name in kwargs else args[index]
+
+
+def _held(
+    module: Any, name: str, hold: Hold, key: Callable[[Args], Hashable], empty: Callable
+) -> None:
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        return hold(key((args, kwargs)), lambda: original(*args, **kwargs), empty)
+
+    setattr(module, name, handler)
+
+
+def _notifying(
+    module: Any, name: str, notify: Notify, keys: Callable[[Args], Iterable[Hashable]]
+) -> None:
+    original = getattr(module, name)
+
+    @functools.wraps(original)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        answer = original(*args, **kwargs)
+        notify(keys((args, kwargs)))
+        return answer
+
+    setattr(module, name, handler)
+
+
+def _no_messages(answer: Any) -> bool:
+    return not answer.messages_list
+
+
+def _not_uploaded(answer: Any) -> bool:
+    return bool(answer.object_found and not answer.object_available)
+
+
+def hold_superlink_polls(hold: Hold, notify: Notify) -> None:
+    """In this SuperLink process, hold a SuperNode asking for its next instruction, the
+    ServerApp asking for replies, and either asking for an object not uploaded yet, until
+    it arrives, instead of answering "nothing yet" (each push notifies what it brought).
+    Flower's askers then poll again: every poll is an HTTP request and SQL queries here, the
+    bulk of a deployed round's requests. Call before `flower_superlink()`."""
+    from flwr.superlink.servicer.fleet import fleet_handlers as fleet
+    from flwr.superlink.servicer.runtime import runtime_handlers as serverapp_io
+
+    def request(call: Args) -> Any:
+        return _arg(call, "request", 0)
+
+    _held(fleet, "pull_messages", hold, lambda c: ("ins", request(c).node.node_id), _no_messages)
+    _held(
+        serverapp_io,
+        "pull_messages",
+        hold,
+        lambda c: ("res", _arg(c, "task", 2).run_id),
+        _no_messages,
+    )
+    for module in (fleet, serverapp_io):
+        _held(module, "pull_object", hold, lambda c: ("obj", request(c).object_id), _not_uploaded)
+        _notifying(module, "push_object", notify, lambda c: [("obj", request(c).object_id)])
+    _notifying(
+        serverapp_io,
+        "push_messages",
+        notify,
+        lambda c: [("ins", m.metadata.dst_node_id) for m in request(c).messages_list],
+    )
+    _notifying(
+        fleet,
+        "push_messages",
+        notify,
+        lambda c: [("res", m.metadata.run_id) for m in request(c).messages_list],
+    )
+
+
+def cache_run_checks(seconds: float = 0.25) -> None:
+    """In this SuperLink process, trust for `seconds` that a run a SuperNode works for may go
+    on. Flower checks the run's status (an SQL select, and an update that expires task
+    tokens) on every object a SuperNode pushes or pulls: a round's most frequent queries.
+    A run that ends is noticed at most `seconds` later. Call before `flower_superlink()`."""
+    from flwr.superlink.servicer.fleet import fleet_handlers as fleet
+
+    check = fleet.check_abort
+    passed: dict[tuple[int, tuple[str, ...]], float] = {}
+
+    def check_abort(run_id: int, abort_status_list: list[str], state: Any) -> str | None:
+        key = (run_id, tuple(abort_status_list))
+        if time.monotonic() - passed.get(key, -seconds) < seconds:
+            return None
+        reason = check(run_id, abort_status_list, state)
+        if reason is None:
+            passed[key] = time.monotonic()
+        return reason
+
+    setattr(fleet, "check_abort", check_abort)  # noqa: B010
+
+
+def wake_on_replies(wake: Callable[[], None]) -> None:
+    """In this SuperNode process, call `wake()` whenever the ClientApp runtime has pushed a
+    reply or one of its objects (what the SuperNode waits for in `reply_wait`). Call before
+    `flower_supernode()`."""
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    for name in ("push_messages", "push_object"):
+        _notifying(runtime_handlers, name, lambda keys: wake(), lambda _: ())
+
+
+def hold_task_claims(wait: Callable[[], object]) -> None:
+    """In this SuperNode process, call `wait()` (which returns once a message has arrived
+    with all its objects, or after a while) before each claim of a task by the ClientApp
+    runtime. Flower creates the task before the message's objects are pulled, and answers a
+    claim at once: the runtime would poll, then pull objects that are not there yet. Call
+    before `flower_supernode()`."""
+    from flwr.supernode.servicer.runtime import runtime_handlers
+
+    acquire = runtime_handlers.acquire_task
+
+    @functools.wraps(acquire)
+    def acquire_task(*args: Any, **kwargs: Any) -> Any:
+        wait()
+        return acquire(*args, **kwargs)
+
+    setattr(runtime_handlers, "acquire_task", acquire_task)  # noqa: B010
+
+
 def _check_object_store_split() -> None:
     """The SuperLink still builds its stores through the function fedge replaces, and a
     LinkState still takes its ObjectStore from the factory it is given."""
@@ -397,6 +538,41 @@ def _check_supernode_sleeps() -> None:
         raise RuntimeError("the SuperNode no longer pulls through _pull_and_store_message")
 
 
+def _check_held_handlers() -> None:
+    """The routers still call the handlers fedge holds, wraps and caches through module
+    attributes, and the answers still carry the fields fedge reads."""
+    import importlib
+
+    from flwr.proto.fleet_pb2 import PullMessagesResponse  # pylint: disable=E0611
+    from flwr.proto.message_pb2 import PullObjectResponse  # pylint: disable=E0611
+    from flwr.proto.runtime_pb2 import AcquireTaskResponse  # pylint: disable=E0611
+
+    def source(module: str) -> str:
+        return Path(inspect.getsourcefile(importlib.import_module(module)) or "").read_text()
+
+    fleet = source("flwr.superlink.routers.fleet.router")
+    runtime = source("flwr.supercore.routers.runtime.router")
+    for name in ("pull_messages", "push_messages", "pull_object", "push_object"):
+        if f"fleet_handlers.{name}(" not in fleet or f"handlers.{name}(" not in runtime:
+            raise RuntimeError(f"the routers no longer call {name} through its module")
+    if "handlers.acquire_task(" not in runtime:
+        raise RuntimeError("the Runtime router no longer claims tasks through its handlers")
+    for side in ("superlink", "supernode"):
+        handlers = importlib.import_module(f"flwr.{side}.servicer.runtime.runtime_handlers")
+        main = source(f"flwr.{side}.main")
+        if "_RUNTIME_HANDLERS: RuntimeHandlers[" not in main or not callable(
+            getattr(handlers, "acquire_task", None)
+        ):
+            raise RuntimeError(f"the {side}'s Runtime API handlers are no longer its module")
+    if "abort_msg = check_abort(" not in source("flwr.superlink.servicer.fleet.fleet_handlers"):
+        raise RuntimeError("the Fleet handlers no longer check the run through check_abort")
+    answer = PullObjectResponse(object_found=True, object_available=False)
+    if not _not_uploaded(answer) or not _no_messages(PullMessagesResponse()):
+        raise RuntimeError("Flower's pull answers changed their fields")
+    if AcquireTaskResponse().HasField("task"):
+        raise RuntimeError("an empty AcquireTaskResponse now carries a task")
+
+
 def _check_runtime_api() -> None:
     """Every Runtime API piece the edge runtime uses is still there, with its shape."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -429,6 +605,7 @@ def self_test() -> None:
         _check_refusal_hook()
         _check_object_store_split()
         _check_runtime_api()
+        _check_held_handlers()
         claim_server_identity(run_id=7)
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")
         mid = assign_message_id(msg)

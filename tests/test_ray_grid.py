@@ -134,6 +134,7 @@ def test_same_aggregate_as_flowers_run_simulation(tmp_path):
         torch.testing.assert_close(ours[key], flower[key], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a second Ray (`ray start`) beside the module's: half a minute
 def test_joins_a_ray_cluster_started_by_the_test(tmp_path):
     port = free_port()
     head = subprocess.Popen(

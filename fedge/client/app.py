@@ -11,6 +11,7 @@ The same app runs in a real SuperNode, in Flower's simulation and in fedge's gri
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import resource
 import sys
@@ -38,6 +39,7 @@ from fedge.tasks.base import exchanged_state, load_exchanged, num_samples
 from fedge.wire import (
     ALGORITHM,
     ARRAYS,
+    CLIENT_DEFAULTS,
     CLIPPING_NORM,
     CONFIG,
     DP_WEIGHT,
@@ -66,10 +68,24 @@ from fedge.wire import (
     number,
 )
 
+# what nodes and rounds may set apart; the rest of a spec decides what a process loads
+LOCAL_TRAINING = ("local_epochs", "batch_size", "lr", "lr_decay", "momentum", "max_train_seconds")
+LOCAL_TRAINING += ("max_train_steps", "faults")
 
-@functools.lru_cache(maxsize=4)
+
+def loaded_part(spec: ClientSpec) -> ClientSpec:
+    """`spec` without its local-training settings: the key of what a process loads once
+    per run (task, data, partitions, model), so nodes with their own budgets share it."""
+    return dataclasses.replace(spec, **{k: getattr(CLIENT_DEFAULTS, k) for k in LOCAL_TRAINING})
+
+
 def load_task(spec: ClientSpec) -> Task:
     """One Task (and its data) per process and run, shared by every virtual client."""
+    return _task(loaded_part(spec))
+
+
+@functools.lru_cache(maxsize=4)
+def _task(spec: ClientSpec) -> Task:
     return build_task(spec.task, data_dir=spec.data_dir or None, seed=spec.seed, **spec.options())
 
 
@@ -105,7 +121,8 @@ def client_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """This node's (train, eval) indices into the task's pool; train includes its share of G."""
     pid, num = partition_of(node_config)
-    return client_split(client_federation(spec, num), pid, spec.seed, spec.shared_per_client)
+    shares = client_federation(loaded_part(spec), num)
+    return client_split(shares, pid, spec.seed, spec.shared_per_client)
 
 
 def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task, Dataset, Dataset]:
@@ -128,11 +145,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def model_from(task: Task, arrays: ArrayRecord, device: torch.device) -> nn.Module:
-    """The task's model holding the global weights that arrived with the message."""
-    model = task.build_model()
+@functools.lru_cache(maxsize=4)
+def task_model(spec: ClientSpec) -> nn.Module:
+    """One model per process and run, built once: each message loads its weights into it.
+    Every tensor but the frozen ones is exchanged, so nothing of a message (or of another
+    virtual client) survives into the next; frozen weights are the task's own."""
+    return load_task(spec).build_model().to(resolve_device(spec.device))
+
+
+def model_from(spec: ClientSpec, arrays: ArrayRecord) -> nn.Module:
+    """The run's model holding the global weights that arrived with the message."""
+    model = task_model(loaded_part(spec))
     load_exchanged(model, arrays.to_torch_state_dict())
-    return model.to(device)
+    model.zero_grad(set_to_none=True)
+    return model
 
 
 def peak_rss_mb() -> float:
@@ -173,7 +199,7 @@ def outgoing_arrays(
 ) -> ArrayRecord:
     """The weights this client sends: clipped for differential privacy if the server asks,
     then corrupted if the node simulates a fault."""
-    state = exchanged_state(model.to("cpu"))
+    state = {k: v.cpu() for k, v in exchanged_state(model).items()}
     if CLIPPING_NORM not in config and fault is None:
         return ArrayRecord(state)
     global_state = sent.to_torch_state_dict()
@@ -218,7 +244,7 @@ def train(msg: Message, context: Context) -> Message:
     config = msg.content.config_records[CONFIG]
     spec = ClientSpec.from_record(config, context.node_config)
     task, train_data, _ = client_data(spec, context.node_config)
-    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
+    model = model_from(spec, msg.content.array_records[ARRAYS])
     node = context.node_config
     seat = context.node_id % 1_000_003 if owns_data(node) else partition_of(node)[0]  # seeds
     cfg = train_config(spec, config, seat)
@@ -262,7 +288,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     task, _, eval_data = client_data(spec, context.node_config)
     if num_samples(eval_data) == 0:  # its partition is too small to hold data out
         raise ValueError("this client holds no evaluation data (its partition has one sample)")
-    model = model_from(task, msg.content.array_records[ARRAYS], resolve_device(spec.device))
+    model = model_from(spec, msg.content.array_records[ARRAYS])
     loaded, started = time.time(), time.perf_counter()
     result = task.evaluate(model, eval_data)
     metrics: MetricValues = {k: float(v) for k, v in result.items() if k != "num_examples"}
