@@ -127,7 +127,10 @@ def decode_rows(
     args, model: Transformer, label: str, prompts: list[torch.Tensor], temperature: float
 ) -> list[dict]:
     """Per exit layer and draft length: acceptance and tokens/s against plain decoding at
-    this temperature (greedy at 0, where the outputs must be identical)."""
+    this temperature (greedy at 0, where the outputs must be identical), and the speedup
+    in layer passes, which the shared machine's load does not move: plain decoding runs L
+    layers per token; a self-speculative step runs E layers for each of its k+1 positions
+    and the L-E late layers once over all of them (the prefill is L for both)."""
     g = torch.Generator().manual_seed(args.seed)
     plain_s, plain_out = 0.0, []
     for p in prompts:
@@ -138,7 +141,7 @@ def decode_rows(
     rows = []
     for exit_layer in args.exits:
         for k in args.num_draft:
-            spec_s, drafted, accepted, identical = 0.0, 0, 0, True
+            spec_s, drafted, accepted, steps, identical = 0.0, 0, 0, 0, True
             for p, ref in zip(prompts, plain_out, strict=True):
                 seconds, (out, stats) = best_time(
                     args.repeats,
@@ -147,7 +150,11 @@ def decode_rows(
                 )
                 spec_s += seconds
                 drafted, accepted = drafted + stats.drafted, accepted + stats.accepted
+                steps += stats.verify_passes
                 identical &= bool(torch.equal(out, ref))
+            depth = model.depth
+            spec_passes = len(prompts) * depth + (drafted + steps) * exit_layer
+            spec_passes += steps * (depth - exit_layer)
             rows.append(
                 {
                     "model": label,
@@ -158,6 +165,7 @@ def decode_rows(
                     "plain_tok_s": tokens / plain_s,
                     "spec_tok_s": tokens / spec_s,
                     "speedup": plain_s / spec_s,
+                    "layer_speedup": len(prompts) * args.new_tokens * depth / spec_passes,
                     "identical": identical,
                 }
             )
@@ -205,19 +213,21 @@ def _row_line(r: dict) -> str:
     return (
         f"{r['model']:<10} T={r['temperature']} E={r['exit']:>2} k={r['num_draft']}  "
         f"accept {r['acceptance']:.2f}  {r['plain_tok_s']:6.1f} -> {r['spec_tok_s']:6.1f} tok/s  "
-        f"x{r['speedup']:.2f}  identical={r['identical']}"
+        f"x{r['speedup']:.2f}  layer passes x{r['layer_speedup']:.2f}  identical={r['identical']}"
     )
 
 
 def decode_table(rows: list[dict], greedy: bool) -> list[str]:
     head = "| model | exit E | drafts k | acceptance while decoding | plain tok/s | "
-    head += "self-spec tok/s | speedup |" + (" identical output |" if greedy else "")
-    lines = [head, "|---|---|---|---|---|---|---|" + ("---|" if greedy else "")]
+    head += "self-spec tok/s | speedup | speedup in layer passes |"
+    head += " identical output |" if greedy else ""
+    lines = [head, "|---|---|---|---|---|---|---|---|" + ("---|" if greedy else "")]
     for r in rows:
         same = f" {'yes' if r['identical'] else 'NO'} |" if greedy else ""
         lines.append(
             f"| {r['model']} | {r['exit']} | {r['num_draft']} | {r['acceptance']:.2f} | "
-            f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x |{same}"
+            f"{r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['layer_speedup']:.2f}x |{same}"
         )
     return lines
 
