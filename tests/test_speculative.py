@@ -66,7 +66,7 @@ def test_sampling_is_distributed_as_the_full_model(tiny_decoder, sampler, draws,
     """4 tokens at temperature 0.7: t1 from the prefill, t2 and t3 drafted by exit 2 and
     verified (kept, or replaced from max(0, p - q)), t4 the bonus token or the next step's.
     Compared with the exact distribution, enumerated; `power`: how surely the same samples
-    reject exit 2's own distribution (500 draws: ~8 s here; 3000: ~45 s)."""
+    reject exit 2's own distribution (500 draws: 7-35 s here by load; 3000: 100-160 s)."""
     m, temperature = peaked(tiny_decoder), 0.7
     prompt = torch.tensor([[1, 4, 2, 0, 3]])
     g = torch.Generator().manual_seed(2024)
