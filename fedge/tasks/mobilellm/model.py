@@ -8,8 +8,9 @@ twice in a row) adds depth without adding weights or weight traffic.
 
 One file, gpt-fast style: a config dataclass, a static KV cache (one slot per *effective*
 layer, so a shared block keeps two), and `run_layers`, which runs any span of layers so that
-LayerSkip (see layerskip.py) can exit early and resume. Module and parameter names follow the
-Hugging Face Llama layout, so a HF checkpoint loads by stripping the `model.` prefix.
+LayerSkip (layerskip.py, speculative.py) can exit early and resume. Module and parameter
+names follow the Hugging Face Llama layout, so a HF checkpoint loads by stripping the
+`model.` prefix.
 """
 
 from __future__ import annotations
