@@ -50,6 +50,22 @@ def small_run() -> Callable[..., RunConfig]:
     return make_small_run
 
 
+def make_tiny_decoder(seed: int = 0, **changes: Any) -> Any:
+    """A small random MobileLLM decoder in eval mode (vocab 40, 6 layers of width 32, block
+    128); `changes` override ModelConfig fields."""
+    from fedge.tasks.mobilellm.model import ModelConfig, Transformer
+
+    base = dict(vocab_size=40, n_layer=6, dim=32, n_head=4, n_kv_head=2, ffn_dim=48)
+    torch.manual_seed(seed)
+    return Transformer(ModelConfig(**{**base, "block_size": 128, **changes})).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder() -> Callable[..., Any]:
+    """`tiny_decoder(seed, **config changes)`: a fresh small decoder for LayerSkip tests."""
+    return make_tiny_decoder
+
+
 def run_deployed(server_flags: list[str], clients: int, tmp_path: Path) -> list[dict]:
     """`fedge server FLAGS` on a free loopback port with `clients` `fedge client` processes
     (simulated shares); waits for the run, stops every process, returns its history."""

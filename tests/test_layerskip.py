@@ -1,30 +1,21 @@
-"""LayerSkip: dropout schedule, early-exit loss and curricula, self-speculative decoding."""
+"""LayerSkip training: the layer dropout schedule p(l, t), early-exit loss and curricula."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedge.tasks.mobilellm.layerskip import (
-    LayerSkipConfig,
+from fedge.tasks.mobilellm.early_exit import (
     early_exit_loss,
     early_exit_scales,
     gradual_curriculum,
-    layer_dropout_rates,
-    layerskip_loss,
     rotational_curriculum,
+)
+from fedge.tasks.mobilellm.layer_dropout import (
+    dropout_time_scale,
+    layer_dropout_rates,
     sample_layer_skip,
-    self_speculative_generate,
 )
-from fedge.tasks.mobilellm.model import ModelConfig, Transformer, generate
-
-CFG = ModelConfig(
-    vocab_size=40, n_layer=6, dim=32, n_head=4, n_kv_head=2, ffn_dim=48, block_size=128
-)
-
-
-def model(seed=0, **changes) -> Transformer:
-    torch.manual_seed(seed)
-    return Transformer(ModelConfig(**{**CFG.__dict__, **changes})).eval()
+from fedge.tasks.mobilellm.layerskip import LayerSkipConfig, layerskip_loss
 
 
 def test_layer_dropout_rises_exponentially_with_depth():
@@ -38,8 +29,35 @@ def test_layer_dropout_rises_exponentially_with_depth():
     torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
 
 
-def test_skipped_layer_passes_the_sample_through():
-    m = model()
+def test_dropout_time_curriculum_matches_hand_computed_values():
+    # S(t) = e^(t ln2 / T) - 1: 0 at t = 0, 2^(1/2) - 1 half way, 1 at T and after.
+    exp = [dropout_time_scale(t, 100, "exp") for t in (0, 25, 50, 100, 150)]
+    assert exp == pytest.approx([0.0, 0.189207115, 0.414213562, 1.0, 1.0])
+    assert dropout_time_scale(0, 100) == dropout_time_scale(77, 100, "constant") == 1.0
+    # p(l, t) = S(t) D(l) p_max, L = 3, p_max 0.2, t = T/2: D = (0, 2^(1/2) - 1, 1).
+    cfg = LayerSkipConfig(dropout_max=0.2, dropout_curriculum="exp", curriculum_steps=100)
+    torch.testing.assert_close(
+        cfg.dropout_rates(50, 3), torch.tensor([0.0, 0.0343146, 0.0828427]), rtol=0, atol=1e-6
+    )
+    torch.testing.assert_close(cfg.dropout_rates(100, 3), layer_dropout_rates(3, 0.2))
+    with pytest.raises(ValueError, match="layer dropout curriculum"):
+        LayerSkipConfig(dropout_curriculum="cosine")
+    with pytest.raises(ValueError, match="curriculum_steps"):
+        dropout_time_scale(0, 0, "exp")
+
+
+def test_exp_curriculum_drops_no_layer_at_the_first_step(tiny_decoder):
+    m = tiny_decoder().train()
+    idx, y = torch.randint(0, 40, (4, 9)), torch.randint(0, 40, (4, 9))
+    cfg = LayerSkipConfig(dropout_max=0.5, dropout_curriculum="exp", curriculum_steps=10)
+    plain = F.cross_entropy(m(idx).flatten(0, 1), y.flatten())
+    torch.testing.assert_close(layerskip_loss(m, idx, y, cfg, step=0), plain)
+    torch.manual_seed(0)  # at t = T the rates are D(l) p_max: the last layers get skipped
+    assert not torch.allclose(layerskip_loss(m, idx, y, cfg, step=10), plain)
+
+
+def test_skipped_layer_passes_the_sample_through(tiny_decoder):
+    m = tiny_decoder()
     x = m.embed(torch.randint(0, 40, (2, 7)))
     skip = torch.zeros(2, 6, dtype=torch.bool)
     skip[0, 3] = True
@@ -63,8 +81,8 @@ def test_early_exit_weights_and_curricula():
         LayerSkipConfig(curriculum="sideways")
 
 
-def test_early_exit_loss_weights_each_exit():
-    m = model()
+def test_early_exit_loss_weights_each_exit(tiny_decoder):
+    m = tiny_decoder()
     idx, y = torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (2, 9))
     _, hidden = m.run_layers(m.embed(idx), 0, 6, keep=[2, 5])
     ce = {k: F.cross_entropy(m.logits(h).flatten(0, 1), y.flatten()) for k, h in hidden.items()}
@@ -75,53 +93,11 @@ def test_early_exit_loss_weights_each_exit():
     torch.testing.assert_close(layerskip_loss(m, idx, y, LayerSkipConfig(), step=0), plain)
 
 
-def test_layerskip_loss_trains_all_exits():
-    m = model().train()
+def test_layerskip_loss_trains_all_exits(tiny_decoder):
+    m = tiny_decoder().train()
     cfg = LayerSkipConfig(
         dropout_max=0.2, early_exit_scale=1.0, curriculum="rotational", rotation=2
     )
     idx, y = torch.randint(0, 40, (4, 9)), torch.randint(0, 40, (4, 9))
     layerskip_loss(m, idx, y, cfg, step=0).backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
-
-
-@pytest.mark.parametrize(
-    "repeat,exit_layer,num_draft", [(1, 2, 3), (1, 5, 1), (2, 4, 5), (1, 1, 8)]
-)
-def test_self_speculative_equals_greedy(repeat, exit_layer, num_draft):
-    m = model(seed=repeat + exit_layer, layer_repeat=repeat)
-    prompt = torch.randint(0, 40, (1, 6))
-    plain = generate(m, prompt, 30)
-    spec, stats = self_speculative_generate(m, prompt, 30, exit_layer, num_draft)
-    assert torch.equal(spec, plain)
-    assert stats.verify_passes > 0 and 0 <= stats.accepted <= stats.drafted
-
-
-def test_drafts_are_all_accepted_when_late_layers_are_identity():
-    m = model()
-    for block in m.layers[3:]:  # zero residual branches: layers 3..5 change nothing
-        torch.nn.init.zeros_(block.self_attn.o_proj.weight)
-        torch.nn.init.zeros_(block.mlp.down_proj.weight)
-    prompt = torch.randint(0, 40, (1, 4))
-    spec, stats = self_speculative_generate(m, prompt, 21, exit_layer=3, num_draft=4)
-    assert torch.equal(spec, generate(m, prompt, 21))
-    assert stats.acceptance_rate == 1.0 and stats.verify_passes == 4  # 1 + 4 * 5 tokens
-
-
-@pytest.mark.parametrize("new_tokens", [0, 1, 2, 28])
-def test_speculative_decodes_wherever_plain_decoding_fits(new_tokens):
-    m = model(seed=3)
-    prompt = torch.randint(0, 40, (1, 128 - new_tokens))  # prompt + new = block_size 128
-    spec, stats = self_speculative_generate(m, prompt, new_tokens, exit_layer=2, num_draft=6)
-    plain = generate(m, prompt, new_tokens)
-    assert spec.shape == plain.shape == (new_tokens,)
-    assert torch.equal(spec, plain)
-    assert stats.drafted <= max(new_tokens - 1, 0)  # never a draft past the last wanted token
-    with pytest.raises(ValueError, match="exceeds block_size"):
-        self_speculative_generate(m, prompt, new_tokens + 1, exit_layer=2)
-
-
-def test_speculative_rejects_bad_arguments():
-    m = model()
-    with pytest.raises(ValueError, match="exit_layer"):
-        self_speculative_generate(m, torch.zeros(1, 3, dtype=torch.long), 5, exit_layer=6)

@@ -62,6 +62,8 @@ def test_bad_options_are_named():
         build_task("mobilellm", trainable="half")
     with pytest.raises(ValueError, match="curriculum"):
         build_task("mobilellm", curriculum="spiral")
+    with pytest.raises(ValueError, match="layer dropout curriculum 'linear'"):
+        build_task("mobilellm", layer_dropout=0.1, dropout_curriculum="linear")
 
 
 def local_run(task, steps, lr=0.2, group=3, model=None):

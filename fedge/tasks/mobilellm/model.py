@@ -8,8 +8,9 @@ twice in a row) adds depth without adding weights or weight traffic.
 
 One file, gpt-fast style: a config dataclass, a static KV cache (one slot per *effective*
 layer, so a shared block keeps two), and `run_layers`, which runs any span of layers so that
-LayerSkip (see layerskip.py) can exit early and resume. Module and parameter names follow the
-Hugging Face Llama layout, so a HF checkpoint loads by stripping the `model.` prefix.
+LayerSkip (layerskip.py, speculative.py) can exit early and resume. Module and parameter
+names follow the Hugging Face Llama layout, so a HF checkpoint loads by stripping the
+`model.` prefix.
 """
 
 from __future__ import annotations
@@ -596,10 +597,38 @@ def save_hf_checkpoint(model: Transformer, folder: str | Path) -> None:
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
+def token_probs(logits: Tensor, temperature: float) -> Tensor:
+    """The next-token distribution decoding samples from: softmax(logits / T), or at T = 0
+    the one-hot of the argmax, so greedy decoding is sampling's limit and one code path
+    (plain or speculative) serves both."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    return torch.softmax(logits.float() / temperature, dim=-1)
+
+
+def sample_token(weights: Tensor, generator: torch.Generator | None = None) -> int:
+    """One token drawn in proportion to the non-negative `weights` (V,). A token that holds
+    all the weight (greedy's one-hot) is returned without a draw, so greedy decoding leaves
+    the random state alone."""
+    top = int(weights.argmax())
+    if weights[top] == weights.sum():
+        return top
+    return int(torch.multinomial(weights, 1, generator=generator))
+
+
 @torch.inference_mode()
-def generate(model: Transformer, prompt: Tensor, max_new_tokens: int) -> Tensor:
-    """Plain greedy decoding with the KV cache: prefill the prompt (1, P), then one token
-    per full forward pass. Returns the new tokens (max_new_tokens,)."""
+def generate(
+    model: Transformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Plain decoding with the KV cache: prefill the prompt (1, P), then one token per full
+    forward pass, greedy at temperature 0, else sampled from softmax(logits / temperature)
+    with `generator`. Returns the new tokens (max_new_tokens,)."""
     if prompt.ndim != 2 or prompt.shape[0] != 1:
         raise ValueError(f"prompt must have shape (1, P), got {tuple(prompt.shape)}")
     if max_new_tokens < 0:
@@ -609,11 +638,11 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int) -> Tensor:
     if max_new_tokens == 0:
         return torch.empty(0, dtype=torch.long, device=prompt.device)
     logits = model(prompt, torch.arange(p, device=prompt.device))
-    out = [int(logits[0, -1].argmax())]
+    out = [sample_token(token_probs(logits[0, -1], temperature), generator)]
     for i in range(max_new_tokens - 1):
         tok = torch.tensor([[out[-1]]], device=prompt.device)
         logits = model(tok, torch.tensor([p + i], device=prompt.device))
-        out.append(int(logits[0, -1].argmax()))
+        out.append(sample_token(token_probs(logits[0, -1], temperature), generator))
     return torch.tensor(out, device=prompt.device)
 
 

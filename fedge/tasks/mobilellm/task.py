@@ -35,8 +35,10 @@ class MobileLLMTask(Task):
     state_dict file of that config to start from, such as a run's final_model.pt: LoRA then
     adapts a trained model, not a random one), trainable ("full" | "lora"), lora_rank,
     lora_alpha, seq_len, num_groups (topic groups), layer_dropout (LayerSkip p_max),
-    early_exit_scale, curriculum ("none" | "rotational" | "gradual"), rotation,
-    curriculum_steps, clip_grad (max gradient norm; 0: off).
+    dropout_curriculum (its S(t): "constant" | "exp"), early_exit_scale, curriculum
+    ("none" | "rotational" | "gradual"), rotation, curriculum_steps (T of both curricula,
+    counted in this task's training steps: every client this process trains), clip_grad
+    (max gradient norm; 0: off).
     """
 
     name = "mobilellm"
@@ -55,6 +57,7 @@ class MobileLLMTask(Task):
         seq_len: int = 64,
         num_groups: int = 10,
         layer_dropout: float = 0.0,
+        dropout_curriculum: str = "constant",
         early_exit_scale: float = 0.0,
         curriculum: str = "none",
         rotation: int = 4,
@@ -72,6 +75,7 @@ class MobileLLMTask(Task):
         self.seq_len, self.num_groups = int(seq_len), int(num_groups)
         self.layerskip = LayerSkipConfig(
             dropout_max=float(layer_dropout),
+            dropout_curriculum=dropout_curriculum,
             early_exit_scale=float(early_exit_scale),
             curriculum=curriculum,
             rotation=int(rotation),
