@@ -69,8 +69,8 @@ from fedge.wire import (
 )
 
 # what nodes and rounds may set apart; the rest of a spec decides what a process loads
-LOCAL_TRAINING = ("local_epochs", "batch_size", "lr", "lr_decay", "momentum", "max_train_seconds")
-LOCAL_TRAINING += ("max_train_steps", "faults")
+LOCAL_TRAINING: tuple[str, ...] = ("local_epochs", "batch_size", "lr", "lr_decay", "momentum")
+LOCAL_TRAINING += ("max_train_seconds", "max_train_steps", "faults")
 
 
 def loaded_part(spec: ClientSpec) -> ClientSpec:

@@ -48,6 +48,10 @@ class Waits:
         with self._changed:  # registered before the first call: nothing can slip past
             self._waiting[key] += 1
             seen = self._notified.setdefault(key, 0)
+
+        def changed(seen: int) -> Callable[[], bool]:
+            return lambda: self._notified[key] != seen
+
         try:
             answer = call()
             if not is_empty(answer) or not self._slots.acquire(blocking=False):
@@ -57,9 +61,7 @@ class Waits:
                 while is_empty(answer):
                     with self._changed:
                         left = deadline - time.monotonic()
-                        if left <= 0 or not self._changed.wait_for(
-                            lambda seen=seen: self._notified[key] != seen, left
-                        ):
+                        if left <= 0 or not self._changed.wait_for(changed(seen), left):
                             return answer
                         seen = self._notified[key]
                     answer = call()
