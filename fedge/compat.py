@@ -16,6 +16,10 @@ Flower's 1 s first retry of an object not uploaded yet; the SuperLink reports th
 it refuses and keeps messages' objects (model arrays in flight) in memory while its state
 (runs, nodes, enrolled keys) stays in its database.
 
+`fedge run --app DIR --backend flower` runs a Flower App folder on Flower's own simulation
+the way `flwr run` does, which Flower's public `run_simulation` cannot (it gives the app an
+empty run config).
+
 None of these is in Flower's public API; a Flower upgrade that moves one breaks
 `self_test()` here, loudly, and nowhere else.
 """
@@ -33,7 +37,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SubStatus
+from flwr.common.constant import (
+    RUN_ID_NUM_BYTES,
+    SUPERLINK_NODE_ID,
+    TASK_ID_NUM_BYTES,
+    ErrorCode,
+    SubStatus,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -46,6 +56,7 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
 
 __all__ = [
     "KEY_CLIPPING_NORM",
@@ -66,6 +77,7 @@ __all__ = [
     "claim_server_identity",
     "empty_run",
     "error_reply",
+    "flower_app_simulation",
     "generate_key_pairs",
     "keep_objects_in_memory",
     "load_client_app",
@@ -228,6 +240,43 @@ def load_client_app(fab: Any, run: Any) -> Any:
     install_from_fab(fab.content, skip_prompt=True)
     load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     return load(run.fab_id, run.fab_version, fab.hash_str)
+
+
+def flower_app_simulation(
+    app_dir: Path,
+    components: tuple[str, str],
+    num_supernodes: int,
+    overrides: dict[str, Any],
+    run_config: dict[str, Any],
+    client_resources: dict[str, float],
+) -> None:
+    """Flower's own simulation of a Flower App folder, as the `flwr-simulation` process of
+    `flwr run` starts it: the components (serverapp, clientapp) by reference from the app's
+    folder, a Run carrying the `overrides` (each ClientApp fuses them with the app's
+    defaults) and the ServerApp's Context with the fused `run_config`. Flower's public
+    `run_simulation` takes app objects and gives their Contexts an empty run config."""
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id)
+    run.override_config = dict(overrides)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    claim_server_identity(run_id)
+    context = Context(run_id, 0, {}, RecordDict(), dict(run_config))
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr=components[0],
+        client_app_attr=components[1],
+        backend_config={"client_resources": dict(client_resources)},
+        app_dir=str(app_dir),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+    )
 
 
 # The SuperNode's fixed sleeps (Flower 1.42, flwr/supernode/start_client_internal.py):
@@ -397,6 +446,16 @@ def _check_supernode_sleeps() -> None:
         raise RuntimeError("the SuperNode no longer pulls through _pull_and_store_message")
 
 
+def _check_app_simulation() -> None:
+    """`flower_app_simulation` passes these to Flower's simulation entry point."""
+    from flwr.simulation.run_simulation import _run_simulation
+
+    wanted = {"server_app_attr", "client_app_attr", "app_dir", "run", "server_app_context"}
+    missing = wanted - set(inspect.signature(_run_simulation).parameters)
+    if missing:
+        raise RuntimeError(f"Flower's _run_simulation lost {sorted(missing)}")
+
+
 def _check_runtime_api() -> None:
     """Every Runtime API piece the edge runtime uses is still there, with its shape."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -429,6 +488,7 @@ def self_test() -> None:
         _check_refusal_hook()
         _check_object_store_split()
         _check_runtime_api()
+        _check_app_simulation()
         claim_server_identity(run_id=7)
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")
         mid = assign_message_id(msg)
