@@ -4,6 +4,7 @@
 simulation of the folder, as `flwr run` starts it) run back to back, each in a fresh
 process, once with few and once with more rounds; the difference of the wall times over
 the difference of the rounds is the seconds per round, without start-up (Ray, imports).
+fedge's `history.json` gives its median round too (rounds after the first).
 
     python benchmarks/flower_app.py --app DIR --num-clients 1000 \\
         --run-config 'fraction-train=0.05' --rounds 2,8
@@ -62,6 +63,10 @@ def main() -> None:
                 walls.append(timed_run(app, backend, args.num_clients, overrides, out))
             result[f"{name}_wall_s"] = [round(w, 2) for w in walls]
             result[f"{name}_s_per_round"] = round((walls[1] - walls[0]) / (more - few), 4)
+            history = Path(tmp, f"{name}-{more}", "run", "history.json")
+            if history.exists():  # fedge's own record of each round, past the first
+                seconds = sorted(r["seconds"] for r in json.loads(history.read_text())[1:])
+                result[f"{name}_history_median_s_per_round"] = round(seconds[len(seconds) // 2], 4)
     result["load_after"] = load_average()
     fedge, flower = result["fedge_s_per_round"], result["flower_s_per_round"]
     assert isinstance(fedge, float) and isinstance(flower, float)
