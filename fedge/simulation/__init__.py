@@ -35,12 +35,12 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
     config, task, strategy, partition or `out` folder fails before an engine starts. With
     `cfg.app`, the Flower App in that folder runs instead (`fedge.simulation.flower_app`).
     """
-    from fedge.client.app import app as client_app
-
     if cfg.app:
         from fedge.simulation.flower_app import run_app
 
         return run_app(cfg)
+    from fedge.client.app import app as client_app
+
     prepared = prepare(cfg)
     devices = load_population(cfg, prepared.task) if cfg.devices else None
     prepare_out(cfg)
