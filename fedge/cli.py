@@ -131,20 +131,30 @@ def print_target(cfg: RunConfig, history: list[dict[str, Any]]) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from fedge.simulation import simulate
-    from fedge.tasks import task_class
 
     cfg = config_from_args(args)
     reap_tree_on_exit()  # Ray's agents would outlive a killed `fedge run`
     history = simulate(cfg)
+    report(cfg, history)
+    return 0
+
+
+def report(cfg: RunConfig, history: list[dict[str, Any]]) -> None:
+    """The end of a run: its table and where its files are (a Flower App keeps its own
+    results; fedge wrote only the history of its rounds, if it ran them)."""
+    from fedge.tasks import task_class
+
+    if cfg.app:
+        kept = f"; history of {len(history)} rounds in {cfg.out}/" if history else ""
+        print(f"fedge: the Flower App in {cfg.app} finished{kept}")
+        return
     print_table(history, task_class(cfg.task).metric)
     print_target(cfg, history)
     print(f"history, checkpoints and plot in {cfg.out}/")
-    return 0
 
 
 def cmd_server(args: argparse.Namespace) -> int:
     from fedge.server.deploy import listen_settings, serve
-    from fedge.tasks import task_class
 
     if args.min_clients is not None:
         args.num_clients = args.min_clients
@@ -152,9 +162,7 @@ def cmd_server(args: argparse.Namespace) -> int:
     given = {"host": args.host, "port": args.port, "tls_dir": args.tls, "auth": args.auth}
     reap_tree_on_exit()  # Flower's SuperExec and ServerApp would outlive a killed server
     history = serve(cfg, **listen_settings(cfg.out, cfg.resume, given))
-    print_table(history, task_class(cfg.task).metric)
-    print_target(cfg, history)
-    print(f"history, checkpoints and plot in {cfg.out}/")
+    report(cfg, history)
     return 0
 
 

@@ -19,6 +19,10 @@ enrolled keys) stays in its database, holds a request for a message, a reply or 
 until it is there (instead of having SuperNodes and the ServerApp poll), and checks a run's
 status once per quarter second rather than on every object.
 
+`fedge run --app DIR --backend flower` runs a Flower App folder on Flower's own simulation
+the way `flwr run` does, which Flower's public `run_simulation` cannot (it gives the app an
+empty run config).
+
 None of these is in Flower's public API; a Flower upgrade that moves one breaks
 `self_test()` here, loudly, and nowhere else.
 """
@@ -36,7 +40,13 @@ from pathlib import Path
 from typing import Any, cast
 
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode, SubStatus
+from flwr.common.constant import (
+    RUN_ID_NUM_BYTES,
+    SUPERLINK_NODE_ID,
+    TASK_ID_NUM_BYTES,
+    ErrorCode,
+    SubStatus,
+)
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
@@ -49,6 +59,7 @@ from flwr.supercore.privacy_accounting import NeighboringRelation, PrivacyConfig
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
 
 __all__ = [
     "KEY_CLIPPING_NORM",
@@ -70,6 +81,7 @@ __all__ = [
     "claim_server_identity",
     "empty_run",
     "error_reply",
+    "flower_app_simulation",
     "generate_key_pairs",
     "hold_superlink_polls",
     "hold_task_claims",
@@ -235,6 +247,43 @@ def load_client_app(fab: Any, run: Any) -> Any:
     install_from_fab(fab.content, skip_prompt=True)
     load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
     return load(run.fab_id, run.fab_version, fab.hash_str)
+
+
+def flower_app_simulation(
+    app_dir: Path,
+    components: tuple[str, str],
+    num_supernodes: int,
+    overrides: dict[str, Any],
+    run_config: dict[str, Any],
+    client_resources: dict[str, float],
+) -> None:
+    """Flower's own simulation of a Flower App folder, as the `flwr-simulation` process of
+    `flwr run` starts it: the components (serverapp, clientapp) by reference from the app's
+    folder, a Run carrying the `overrides` (each ClientApp fuses them with the app's
+    defaults) and the ServerApp's Context with the fused `run_config`. Flower's public
+    `run_simulation` takes app objects and gives their Contexts an empty run config."""
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+
+    run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
+    run = Run.create_empty(run_id)
+    run.override_config = dict(overrides)
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    claim_server_identity(run_id)
+    context = Context(run_id, 0, {}, RecordDict(), dict(run_config))
+    _run_simulation(
+        num_supernodes=num_supernodes,
+        exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+        server_app_attr=components[0],
+        client_app_attr=components[1],
+        backend_config={"client_resources": dict(client_resources)},
+        app_dir=str(app_dir),
+        run=run,
+        server_app_context=context,
+        is_app=True,
+    )
 
 
 # The SuperNode's fixed sleeps (Flower 1.42, flwr/supernode/start_client_internal.py):
@@ -573,6 +622,16 @@ def _check_held_handlers() -> None:
         raise RuntimeError("an empty AcquireTaskResponse now carries a task")
 
 
+def _check_app_simulation() -> None:
+    """`flower_app_simulation` passes these to Flower's simulation entry point."""
+    from flwr.simulation.run_simulation import _run_simulation
+
+    wanted = {"server_app_attr", "client_app_attr", "app_dir", "run", "server_app_context"}
+    missing = wanted - set(inspect.signature(_run_simulation).parameters)
+    if missing:
+        raise RuntimeError(f"Flower's _run_simulation lost {sorted(missing)}")
+
+
 def _check_runtime_api() -> None:
     """Every Runtime API piece the edge runtime uses is still there, with its shape."""
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
@@ -606,6 +665,7 @@ def self_test() -> None:
         _check_object_store_split()
         _check_runtime_api()
         _check_held_handlers()
+        _check_app_simulation()
         claim_server_identity(run_id=7)
         msg = Message(RecordDict({"c": ConfigRecord({"x": 1})}), 2, "train")
         mid = assign_message_id(msg)

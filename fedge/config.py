@@ -125,6 +125,12 @@ class RunConfig:
         default_factory=dict, metadata={"help": "selector options (fedge.strategies.oort)"}
     )
 
+    # --- a Flower App folder instead of a task (fedge.app_folder) -------------------------
+    app: str = opt("", "a Flower App folder to run: its ServerApp and ClientApp, not a task")
+    run_config: str = opt(
+        "", "with app: overrides of the app's run config, 'key=value ...' as `flwr run` takes"
+    )
+
     # --- loading ------------------------------------------------------------------------
     @classmethod
     def from_mapping(cls, values: dict[str, Any]) -> RunConfig:
@@ -253,6 +259,24 @@ class RunConfig:
             self.resume,
         )
         self._validate_population()
+        self._validate_app()
+
+    def _validate_app(self) -> None:
+        """With `app`, the app's own ServerApp decides rounds, strategy and training: a
+        field that would configure fedge's task or server is an error, not ignored."""
+        _check(not self.run_config or bool(self.app), "run_config", "needs app", self.run_config)
+        if not self.app:
+            return
+        for f in dataclasses.fields(self):
+            if f.name in APP_FIELDS:
+                continue
+            default = f.default_factory() if callable(f.default_factory) else f.default
+            _check(
+                getattr(self, f.name) == default,
+                f.name,
+                "does not apply to a Flower App, whose ServerApp decides (its keys: run_config)",
+                getattr(self, f.name),
+            )
 
     def _validate_population(self) -> None:
         """The device-population fields: ranges, and the clock they need."""
@@ -333,6 +357,24 @@ SERVER_FIELDS = frozenset(
         "overwrite",
         "max_failed_rounds",
         "out",
+        "app",
+        "run_config",
+    }
+)
+# what a run of a Flower App (`app`) takes from fedge: the engine, the population, `out`
+APP_FIELDS = frozenset(
+    {
+        "app",
+        "run_config",
+        "num_clients",
+        "backend",
+        "ray_address",
+        "client_cpus",
+        "client_gpus",
+        "dropout_rate",
+        "seed",
+        "out",
+        "overwrite",
     }
 )
 SELECTIONS = ("random", "oort")

@@ -5,6 +5,9 @@ SuperNodes and the control API), a Flower App folder naming the ServerApp and Cl
 and `flwr run` pointed at the SuperLink through a connection in `$FLWR_HOME/config.toml`.
 fedge writes the app folder and the connection inside `--out`, so nothing outside the run
 folder is touched, and runs with dependency installation off (everything is installed).
+With `--app DIR` the run is that Flower App folder, unmodified, with its run config
+overrides: its ServerApp runs beside the SuperLink and devices run its ClientApp (from the
+app bundle Flower sends them) in fedge's warm runtime.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from fedge.app_folder import load_app
 from fedge.config import RunConfig
 from fedge.errors import ConfigError
 from fedge.processes import (
@@ -97,12 +101,16 @@ def listen_settings(out: str, resume: bool, given: dict[str, Any]) -> dict[str, 
 def write_run_files(
     cfg: RunConfig, address: str, ca_cert: Path | None = None
 ) -> tuple[Path, Path, Path]:
-    """The run's config JSON, the Flower App folder and FLWR_HOME, all under cfg.out."""
+    """The run's config JSON, the Flower App folder (`cfg.app`, else fedge's, written here)
+    and FLWR_HOME, all under cfg.out."""
     out = Path(cfg.out).resolve()
     app_dir, flwr_home = out / ".flower-app", out / ".flwr"
-    app_dir.mkdir(parents=True, exist_ok=True)
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(key=CONFIG_KEY))
+    if cfg.app:
+        app_dir = Path(cfg.app).resolve()
+    else:
+        app_dir.mkdir(parents=True, exist_ok=True)
+        (app_dir / "pyproject.toml").write_text(APP_PYPROJECT.format(key=CONFIG_KEY))
     security = f'root-certificates = "{ca_cert.resolve()}"' if ca_cert else "insecure = true"
     (flwr_home / "config.toml").write_text(CONNECTION.format(address=address, security=security))
     cfg_path = out / "run-config.json"
@@ -162,7 +170,9 @@ def serve(
     `tls_dir` (from `fedge certs`) turns on TLS; `auth` admits only the SuperNodes whose
     public keys are in `tls_dir/clients`.
     """
-    prepare(cfg)  # every check that can run before the SuperLink starts
+    app = load_app(cfg.app, cfg.run_config) if cfg.app else None
+    if app is None:
+        prepare(cfg)  # every check that can run before the SuperLink starts
     check_port_free(host, port)
     prepare_out(cfg)
     address = f"{host}:{port}"
@@ -186,14 +196,18 @@ def serve(
             print(f"fedge server: enrolled {enrol(str(tls_dir), env)} client keys")
             secure += " --auth-key KEYFILE"
         print(f"fedge server: SuperLink listening on {address}; start clients with")
+        task = "" if app else f" --task {cfg.task}"
         print(
-            f"  fedge client --server {address} --task {cfg.task} --partition-id I "
+            f"  fedge client --server {address}{task} --partition-id I "
             f"--num-partitions {cfg.num_clients}{secure}"
         )
-        run_flower_app(app_dir, cfg_path, env, out / "server.log", append=cfg.resume)
+        run_config = cfg.run_config if app else f"{CONFIG_KEY}='{cfg_path}'"
+        run_flower_app(app_dir, run_config, env, out / "server.log", append=cfg.resume)
     finally:
         done.set()
         stop(superlink)
+    if app is not None:  # the app's ServerApp keeps its own results
+        return []
     history = load_history(out)
     if len(history) < cfg.rounds:
         raise RuntimeError(
@@ -215,19 +229,12 @@ def echo_refusals(log: Path, done: threading.Event) -> None:
 
 
 def run_flower_app(
-    app_dir: Path, cfg_path: Path, env: dict[str, str], log: Path, append: bool = False
+    app_dir: Path, run_config: str, env: dict[str, str], log: Path, append: bool = False
 ) -> None:
-    """`flwr run --stream`: show fedge's own lines, keep Flower's chatter in the log file
-    (appended to when the run is resumed)."""
-    cmd = [
-        flower_tool("flwr"),
-        "run",
-        str(app_dir),
-        "fedge",
-        "--run-config",
-        f"{CONFIG_KEY}='{cfg_path}'",
-        "--stream",
-    ]
+    """`flwr run APP_DIR --run-config RUN_CONFIG --stream`: show the run's own lines, keep
+    Flower's chatter in the log file (appended to when the run is resumed)."""
+    cmd = [flower_tool("flwr"), "run", str(app_dir), "fedge", "--stream"]
+    cmd += ["--run-config", run_config] if run_config else []
     with (
         open(log, "a" if append else "w") as logfile,
         subprocess.Popen(

@@ -9,9 +9,13 @@ virtual clock of a device population (`fedge.simulation.clock`, `fedge.simulatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any
 
+from flwr.app import UserConfig
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
 from fedge.config import RunConfig
@@ -19,17 +23,22 @@ from fedge.server.app import build_server_app, prepare, run_server
 from fedge.server.history import load_history
 from fedge.server.preflight import prepare_out
 from fedge.simulation.clock import load_population, with_clock
-from fedge.simulation.local_grid import VirtualGrid
+from fedge.simulation.local_grid import LocalGrid, VirtualGrid
 
-__all__ = ["simulate"]
+__all__ = ["engine", "simulate"]
 
 
 def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
     """Run a whole federated simulation in this process tree and return its history.
 
     Every check that can run before any work runs first (`prepare`, `prepare_out`): a bad
-    config, task, strategy, partition or `out` folder fails before an engine starts.
+    config, task, strategy, partition or `out` folder fails before an engine starts. With
+    `cfg.app`, the Flower App in that folder runs instead (`fedge.simulation.flower_app`).
     """
+    if cfg.app:
+        from fedge.simulation.flower_app import run_app
+
+        return run_app(cfg)
     from fedge.client.app import app as client_app
 
     prepared = prepare(cfg)
@@ -40,25 +49,9 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
     def on_clock(grid: VirtualGrid) -> Grid:
         return with_clock(grid, cfg, devices) if devices is not None else grid
 
-    if cfg.backend == "ray":
-        from fedge.simulation.ray_grid import RayGrid, init_ray
-
-        init_ray(cfg.ray_address)
-        grid = RayGrid(
-            cfg.num_clients,
-            client_cpus=cfg.client_cpus,
-            client_gpus=cfg.client_gpus,
-            dropout_rate=cfg.dropout_rate,
-            seed=cfg.seed,
-        )
-        try:
+    if cfg.backend in ("ray", "local"):
+        with engine(cfg, client_app) as grid:
             return run_server(on_clock(grid), cfg, prepared)
-        finally:
-            grid.shutdown()
-    if cfg.backend == "local":
-        from fedge.simulation.local_grid import LocalGrid
-
-        return run_server(on_clock(LocalGrid(client_app, cfg.num_clients)), cfg, prepared)
     if cfg.backend == "flower":
         from flwr.simulation import run_simulation
 
@@ -70,6 +63,40 @@ def simulate(cfg: RunConfig) -> list[dict[str, Any]]:
         )
         return load_history(cfg.out)
     raise ValueError(f"backend {cfg.backend!r} is not known")
+
+
+@contextlib.contextmanager
+def engine(
+    cfg: RunConfig,
+    client_app: ClientApp,
+    app_spec: str | None = None,
+    app_dir: str | None = None,
+    run_config: UserConfig | None = None,
+) -> Iterator[VirtualGrid]:
+    """fedge's engine for `cfg.backend` (ray or local) serving `client_app` to
+    `cfg.num_clients` virtual nodes whose Contexts carry `run_config`. Ray's actors import
+    it as `app_spec` (fedge's ClientApp by default), from `app_dir` first; they stop
+    afterwards."""
+    if cfg.backend == "local":
+        yield LocalGrid(client_app, cfg.num_clients, run_config=run_config)
+        return
+    from fedge.simulation.ray_grid import DEFAULT_CLIENT_APP, RayGrid, init_ray
+
+    init_ray(cfg.ray_address)
+    grid = RayGrid(
+        cfg.num_clients,
+        app_spec=app_spec or DEFAULT_CLIENT_APP,
+        client_cpus=cfg.client_cpus,
+        client_gpus=cfg.client_gpus,
+        dropout_rate=cfg.dropout_rate,
+        seed=cfg.seed,
+        app_dir=app_dir,
+        run_config=run_config,
+    )
+    try:
+        yield grid
+    finally:
+        grid.shutdown()
 
 
 def _quiet_flower() -> None:

@@ -11,7 +11,7 @@ import time
 import traceback
 from collections.abc import Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict, UserConfig
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 
@@ -88,12 +88,21 @@ class LocalGrid(VirtualGrid):
     """Runs `client_app` for `num_nodes` virtual nodes in this process.
 
     Each node keeps its own `Context` (and so its `state`) across rounds; contexts are
-    built on first use, so a large population costs nothing until sampled.
+    built on first use, so a large population costs nothing until sampled. `run_config`:
+    what every node's Context carries (a Flower App's run config; fedge's ClientApp needs
+    none).
     """
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1) -> None:
+    def __init__(
+        self,
+        client_app: ClientApp,
+        num_nodes: int,
+        run_id: int = 1,
+        run_config: UserConfig | None = None,
+    ) -> None:
         super().__init__(num_nodes, run_id)
         self.client_app = client_app
+        self.run_config = run_config or {}
         self._contexts: dict[int, Context] = {}
         self._replies: dict[str, Message] = {}
 
@@ -133,7 +142,7 @@ class LocalGrid(VirtualGrid):
                 node_id=node_id,
                 node_config=node_config(pid, self.num_nodes),
                 state=RecordDict(),
-                run_config={},
+                run_config=dict(self.run_config),
             )
         return self._contexts[node_id]
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import ray
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message, RecordDict, UserConfig
 from ray._private import ray_constants
 
 from fedge.compat import (
@@ -122,13 +122,22 @@ class ClientWorker:
     """Runs the ClientApp for batches of virtual nodes; keeps nothing between batches but
     the round's shared content."""
 
-    def __init__(self, app_spec: str, run_id: int, num_nodes: int, threads: int) -> None:
+    def __init__(
+        self,
+        app_spec: str,
+        run_id: int,
+        num_nodes: int,
+        threads: int,
+        app_dir: str | None,
+        run_config: UserConfig,
+    ) -> None:
         logging.getLogger("flwr").setLevel(logging.WARNING)
-        self.app = load_object(app_spec)
+        self.app = load_object(app_spec, search_path=app_dir)
         if "torch" in sys.modules:  # only if the app uses it: importing torch costs ~300 MB
             sys.modules["torch"].set_num_threads(max(1, threads))
         self.run_id = run_id
         self.num_nodes = num_nodes
+        self.run_config = run_config
         self.content_id, self.content = "", RecordDict()
         claim_server_identity(run_id)  # to rebuild the instruction messages here
 
@@ -156,7 +165,11 @@ class ClientWorker:
             state = pickle.loads(item.state) if item.state else RecordDict()
             pid = item.dst_node_id - NODE_ID_BASE
             ctx = Context(
-                self.run_id, item.dst_node_id, node_config(pid, self.num_nodes), state, {}
+                self.run_id,
+                item.dst_node_id,
+                node_config(pid, self.num_nodes),
+                state,
+                dict(self.run_config),
             )
             reply = call_client_app(self.app, msg, ctx)
             new_state = pickle.dumps(ctx.state) if len(ctx.state) else None
@@ -170,7 +183,9 @@ class RayGrid(VirtualGrid):
     client_cpus / client_gpus: resources one client needs (fractions allowed); the pool
     has as many actors as the cluster fits. dropout_rate: probability that a sampled
     client fails (simulated device loss). batch_size: messages per actor call (0: chosen
-    so each actor gets about four batches a round).
+    so each actor gets about four batches a round). app_spec names the ClientApp, imported
+    from `app_dir` first if given (a Flower App's folder); every node's Context carries
+    `run_config`.
     """
 
     def __init__(
@@ -185,6 +200,8 @@ class RayGrid(VirtualGrid):
         state_memory_bytes: int = 256 << 20,
         seed: int = 0,
         run_id: int = 1,
+        app_dir: str | None = None,
+        run_config: UserConfig | None = None,
     ) -> None:
         if not ray.is_initialized():
             raise RuntimeError(
@@ -192,6 +209,8 @@ class RayGrid(VirtualGrid):
             )
         super().__init__(num_nodes, run_id)
         self.app_spec = app_spec
+        self.app_dir = app_dir
+        self.run_config = run_config or {}
         self.client_cpus = client_cpus
         self.client_gpus = client_gpus
         self.dropout_rate = dropout_rate
@@ -223,7 +242,12 @@ class RayGrid(VirtualGrid):
         options = {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus}
         worker: Any = ClientWorker  # a Ray actor class: `options` and `remote` are Ray's
         return worker.options(**options).remote(
-            self.app_spec, self.run_id, self.num_nodes, int(max(1, self.client_cpus))
+            self.app_spec,
+            self.run_id,
+            self.num_nodes,
+            int(max(1, self.client_cpus)),
+            self.app_dir,
+            self.run_config,
         )
 
     # --- Grid's interface -----------------------------------------------------------
