@@ -92,6 +92,8 @@ __all__ = [
     "patch_object_pulls",
     "patch_supernode_sleeps",
     "public_key_to_bytes",
+    "recorddict_bytes",
+    "recorddict_from_bytes",
     "report_refused_nodes",
     "runtime_client",
     "self_test",
@@ -236,6 +238,27 @@ def message_from_bytes(data: bytes) -> Message:
     proto = ProtoMessage()
     proto.ParseFromString(data)
     return message_from_proto(proto)
+
+
+def recorddict_bytes(content: RecordDict) -> bytes:
+    """A whole RecordDict (every record, array bytes included) as Flower serialises it."""
+    from flwr.common.serde import recorddict_to_proto
+
+    return recorddict_to_proto(content).SerializeToString()
+
+
+def recorddict_from_bytes(data: bytes) -> RecordDict:
+    """The RecordDict `recorddict_bytes` wrote; bytes that are not one raise ValueError."""
+    from flwr.common.serde import recorddict_from_proto
+    from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=E0611
+    from google.protobuf.message import DecodeError
+
+    proto = ProtoRecordDict()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as exc:
+        raise ValueError(f"not a serialised RecordDict ({exc})") from exc
+    return recorddict_from_proto(proto)
 
 
 def load_client_app(fab: Any, run: Any) -> Any:

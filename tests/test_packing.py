@@ -1,11 +1,11 @@
-"""One array per ArrayRecord on the wire: exact round trips, fewer objects, the device mod."""
+"""Few objects per message on the wire: exact round trips, both packings, the device mod."""
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedge import compat
-from fedge.edge.packing import LAYOUT, SIZES, is_packed, pack, packing_mod, unpack
+from fedge.edge.packing import LAYOUT, SIZES, WHOLE, is_packed, pack, packing_mod, unpack
 from fedge.tasks import build_task
 
 
@@ -29,11 +29,15 @@ def content():
     )
 
 
-def test_unpack_gives_back_exactly_what_was_packed(content):
-    packed = pack(content)
+@pytest.mark.parametrize("whole_max", [2**30, 0], ids=["whole", "per-record"])
+def test_unpack_gives_back_exactly_what_was_packed(content, whole_max):
+    packed = pack(content, whole_max)
     assert is_packed(packed) and not is_packed(content)
-    assert len(packed["arrays"]) == 1 and len(packed["control"]) == 1
-    assert packed["single"] is content["single"]  # nothing to gain from one array
+    if whole_max:
+        assert list(packed.keys()) == [WHOLE]
+    else:  # too big to travel whole: each ArrayRecord as one array, still chunked by Flower
+        assert len(packed["arrays"]) == 1 and len(packed["control"]) == 1
+        assert packed["single"] is content["single"]  # nothing to gain from one array
     back = unpack(packed)
     assert list(back.keys()) == list(content.keys())
     for name in content:
@@ -41,18 +45,23 @@ def test_unpack_gives_back_exactly_what_was_packed(content):
     assert np.array_equal(back["control"]["0"].numpy(), content["control"]["0"].numpy())
 
 
-def test_a_digits_message_shrinks_from_20_objects_to_7(content):
+def test_a_digits_message_shrinks_from_20_objects_to_3(content):
     compat.claim_server_identity(run_id=3)
     plain = RecordDict({"arrays": content["arrays"], "config": content["config"]})
     assert objects(Message(plain, 2, "train")) == 20
-    assert objects(Message(pack(plain), 2, "train")) == 7
+    assert objects(Message(pack(plain), 2, "train")) == 3
+    assert objects(Message(pack(plain, whole_max=0), 2, "train")) == 7
 
 
-def test_a_damaged_layout_is_an_error_not_a_wrong_model(content):
-    packed = pack(content)
+def test_damaged_packing_is_an_error_not_a_wrong_model(content):
+    packed = pack(content, whole_max=0)
     packed[LAYOUT + "arrays"][SIZES] = [1, *packed[LAYOUT + "arrays"][SIZES][1:]]
     with pytest.raises(ValueError, match="does not fit its bytes"):
         unpack(packed)
+    whole = pack(content)
+    whole[WHOLE][WHOLE] = whole[WHOLE][WHOLE][:-9]  # cut short on the way
+    with pytest.raises(ValueError, match="content is damaged"):
+        unpack(whole)
 
 
 def test_the_device_mod_unpacks_instructions_and_packs_their_replies(content):

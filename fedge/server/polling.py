@@ -1,13 +1,13 @@
-"""A Grid that waits for replies without fixed sleeps and sends one array per record.
+"""A Grid that waits for replies without fixed sleeps and sends few objects per message.
 
 Flower's `HttpGrid.send_and_receive` (the Grid of a ServerApp under a SuperLink) sleeps 3 s
 between pulls, and waits 1 s (then 2 s, ...) for a reply whose objects are still being
 uploaded. `PromptGrid` pushes and pulls through the wrapped grid's public methods, waits
 10 ms after a pull that brought a reply, growing to 100 ms while none comes, and has
 Flower retry a missing object after 5 ms (`fedge.compat.patch_object_pulls`). It stamps
-each reply with its delivery times (`stamp_delivery`). It packs each ArrayRecord it sends
-into one array and unpacks the replies (`fedge.edge.packing`: a message's objects, one HTTP
-request each through the SuperLink, fall from two per tensor to two per record).
+each reply with its delivery times (`stamp_delivery`). It packs what it sends and unpacks
+the replies (`fedge.edge.packing`: a message's objects, one HTTP request each through the
+SuperLink, fall from two per tensor to three per message while it fits in a chunk).
 """
 
 from __future__ import annotations
