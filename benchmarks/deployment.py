@@ -89,9 +89,11 @@ class DeviceSampler:
 
 
 def run_flags(devices: int, rounds: int) -> list[str]:
+    # the benchmark owns its run folders: a rerun replaces them
     return ["--task", "digits", "--num-clients", str(devices), "--rounds", str(rounds)] + [
         "--eval-fraction",
         "1",
+        "--overwrite",
     ]
 
 
