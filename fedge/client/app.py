@@ -125,18 +125,24 @@ def client_indices(
     return client_split(shares, pid, spec.seed, spec.shared_per_client)
 
 
-def client_data(spec: ClientSpec, node_config: Mapping[str, Any]) -> tuple[Task, Dataset, Dataset]:
-    """The task plus this node's local train and evaluation splits."""
+def client_data(
+    spec: ClientSpec, node_config: Mapping[str, Any]
+) -> tuple[Task, Dataset, Dataset, dict[str, Any]]:
+    """The task, this node's local train and evaluation splits, and its label skew: a
+    partition's EMD against the whole pool; a device's own data, its label counts (never
+    samples: the server, holding the reference distribution, computes the EMD)."""
     task = load_task(spec)
     if owns_data(node_config):
         if not spec.data_dir:
             raise ValueError("this device has no partition and no data-dir: start it with one")
-        return task, task.train_dataset(), task.test_dataset()
+        counts = np.bincount(task.train_labels()).astype(int).tolist()
+        return task, task.train_dataset(), task.test_dataset(), {LABEL_COUNTS: counts}
     own = task.client_data(partition_of(node_config)[0])
     if own is not None:  # a task that makes each client's data (synthetic)
-        return task, own.train, own.eval
+        return task, own.train, own.eval, {LABEL_COUNTS: own.label_counts}
     train_idx, eval_idx = client_indices(spec, node_config)
-    return task, task.train_dataset(train_idx), task.train_dataset(eval_idx)
+    emd = float(client_emds(task.train_labels(), [train_idx])[0])
+    return task, task.train_dataset(train_idx), task.train_dataset(eval_idx), {EMD: emd}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -208,21 +214,6 @@ def outgoing_arrays(
     return faulty_arrays(fault, state, global_state) if fault else ArrayRecord(state)
 
 
-def label_skew_metrics(
-    task: Task, spec: ClientSpec, node_config: Mapping[str, Any]
-) -> dict[str, Any]:
-    """A partition's EMD against the whole pool; a device's own data: its label counts
-    (the server, holding the reference distribution, computes the EMD)."""
-    if owns_data(node_config):
-        return {LABEL_COUNTS: np.bincount(task.train_labels()).astype(int).tolist()}
-    own = task.client_data(partition_of(node_config)[0])
-    if own is not None:
-        return {LABEL_COUNTS: own.label_counts}
-    labels = task.train_labels()
-    train_idx, _ = client_indices(spec, node_config)
-    return {EMD: float(client_emds(labels, [train_idx])[0])}
-
-
 def arrival_metrics(msg: Message, entered: float, loaded: float) -> dict[str, float]:
     """How long the instruction took to reach the ClientApp after the server made it
     (one clock on one machine; across machines their skew counts), and how long the
@@ -243,7 +234,7 @@ def train(msg: Message, context: Context) -> Message:
     entered = time.time()
     config = msg.content.config_records[CONFIG]
     spec = ClientSpec.from_record(config, context.node_config)
-    task, train_data, _ = client_data(spec, context.node_config)
+    task, train_data, _, label_skew = client_data(spec, context.node_config)
     model = model_from(spec, msg.content.array_records[ARRAYS])
     node = context.node_config
     seat = context.node_id % 1_000_003 if owns_data(node) else partition_of(node)[0]  # seeds
@@ -270,7 +261,7 @@ def train(msg: Message, context: Context) -> Message:
             STEPS: report.steps,
             STOPPED_EARLY: int(report.stopped_early),
             UPDATE_BYTES: sum(a.count_bytes() for a in (arrays, *extra_arrays.values())),
-            **label_skew_metrics(task, spec, context.node_config),
+            **label_skew,
             **extra_metrics,
         }
     )
@@ -285,7 +276,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on the node's held-out local split."""
     entered = time.time()
     spec = ClientSpec.from_record(msg.content.config_records[CONFIG], context.node_config)
-    task, _, eval_data = client_data(spec, context.node_config)
+    task, _, eval_data, _ = client_data(spec, context.node_config)
     if num_samples(eval_data) == 0:  # its partition is too small to hold data out
         raise ValueError("this client holds no evaluation data (its partition has one sample)")
     model = model_from(spec, msg.content.array_records[ARRAYS])
