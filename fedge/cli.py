@@ -1,4 +1,4 @@
-"""The `fedge` command: run (simulation), server, client, certs, pir-server.
+"""The `fedge` command: run (simulation), server, client, certs, pir-server, export.
 
 Every RunConfig field is a flag (`--num-clients`, `--lr`, ...); `--config FILE.toml` sets
 any of them and flags win. Bad input (`ConfigError`, a missing file, a timeout) exits with
@@ -203,6 +203,56 @@ def cmd_pir_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fedge.edge.export import FORMATS, export_model, load_run
+
+    run = load_run(args.run_dir, args.round)
+    suffix = FORMATS[args.format].SUFFIX if args.format in FORMATS else ""
+    out = (
+        args.out
+        or Path(args.run_dir) / f"model{'.' + args.quantize if args.quantize else ''}{suffix}"
+    )
+    print(f"fedge export: {run.cfg.task} model from {run.weights}", flush=True)
+    given = {"tolerance": args.tolerance, "batch_size": args.batch_size}
+    given["calibration_size"] = args.calibration_size
+    report = export_model(
+        run.task,
+        run.model,
+        args.format,
+        out,
+        quantize=args.quantize,
+        seed=run.cfg.seed,
+        say=lambda line: print(f"fedge export: {line}", flush=True),
+        **{k: v for k, v in given.items() if v is not None},  # else export_model's defaults
+    )
+    print_export(report)
+    return 0
+
+
+def print_export(report: Any) -> None:
+    """The parity table of an export: metric and largest output gap, torch beside each file."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fedge export: {report.format}")
+    for col in ("model", report.metric, "loss", "max |diff| vs torch"):
+        table.add_column(col, justify="right")
+    for name, metrics in report.metrics.items():
+        diff = report.max_abs_diff.get(name)
+        table.add_row(
+            name,
+            f"{metrics.get(report.metric, float('nan')):.4f}",
+            f"{metrics.get('loss', float('nan')):.4f}",
+            "-" if diff is None else f"{diff:.3g}",
+        )
+    Console(highlight=False).print(table)
+    limits = ", ".join(f"{k} in {lo}..{hi}" for k, (lo, hi) in report.bounds.items())
+    print(
+        f"wrote {report.path} ({report.size_bytes / 1024:.1f} KiB) in {report.seconds:.1f} s; "
+        f"inputs: {limits or 'fixed shapes'}"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedge", description="Federated learning for edge devices, built on Flower."
@@ -271,6 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--port", type=int, default=50051, help="port to listen on, 0 picks a free one [50051]"
     )
     pir.set_defaults(func=cmd_pir_server)
+
+    export = sub.add_parser("export", help="export a run's model for a device runtime")
+    export.add_argument("run_dir", help="a fedge run's --out folder")
+    export.add_argument("--format", required=True, help="executorch (.pte, XNNPACK) or onnx")
+    export.add_argument("--quantize", choices=("int8",), help="post-training int8 quantization")
+    export.add_argument("--out", help="file to write [RUN_DIR/model[.int8].pte|.onnx]")
+    export.add_argument("--round", type=int, help="that round's checkpoint [final_model.pt]")
+    export.add_argument(
+        "--tolerance",
+        type=float,
+        help="largest fp32 output gap to torch on the test set; beyond it nothing is written",
+    )
+    export.add_argument("--batch-size", type=int, help="the largest batch the file takes")
+    export.add_argument("--calibration-size", type=int, help="training samples int8 calibrates on")
+    export.set_defaults(func=cmd_export)
     return parser
 
 

@@ -125,6 +125,11 @@ class Task(ABC):
         """Stack dataset items into a batch (override for variable-length data)."""
         return torch.utils.data.default_collate(items)
 
+    def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """The model's positional inputs in a batch, what an exported model takes: by default
+        the batch's first field; a task whose model takes more overrides this."""
+        return (batch[0],)
+
     # --- learning -------------------------------------------------------------------
     @abstractmethod
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:

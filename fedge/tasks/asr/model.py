@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fedge.tasks.layers import split_even
+
 
 @dataclass
 class ASRConfig:
@@ -123,7 +125,7 @@ class FoldingAttention(nn.Module):
         """x: (B, T, D) tokens; positions: (T*fold,) sub-token positions; mask: (B|1, T*fold,
         S) with S the past sub-tokens plus T*fold. Returns (y, (k, v)) with all S keys."""
         b = x.shape[0]
-        q, k, v = self.qkv(fold_tokens(x, self.fold)).split(self.width, dim=2)
+        q, k, v = split_even(self.qkv(fold_tokens(x, self.fold)), 3, dim=2)
         q, k, v = (t.view(b, -1, self.n_head, self.width // self.n_head).transpose(1, 2)
                    for t in (q, k, v))  # fmt: skip
         q, k = rotary(q, positions), rotary(k, positions)

@@ -211,6 +211,10 @@ class ASRTask(SpeechTask):
         targets = [t for _, t in items]
         return feats, lengths, torch.cat(targets), torch.tensor([len(t) for t in targets])
 
+    def model_inputs(self, batch: Batch) -> tuple[torch.Tensor, ...]:
+        """Padded features and their valid lengths."""
+        return batch[0], batch[1]
+
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         feats, lengths, targets, target_lengths = batch
         log_probs = model(feats, lengths).log_softmax(-1)

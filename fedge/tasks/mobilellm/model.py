@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fedge.tasks.layers import split_even
+
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 
 # save_hf_checkpoint writes a layer-shared model unrolled (every effective layer its own
@@ -258,7 +260,7 @@ def rope_table(
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate pairs (i, i + head_dim/2) of x (B, H, T, head_dim) by the position's angle."""
-    x1, x2 = x.chunk(2, dim=-1)
+    x1, x2 = split_even(x, 2)
     return (x * cos + torch.cat([-x2, x1], dim=-1) * sin).type_as(x)
 
 
