@@ -37,8 +37,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedge.tasks.layers import split_even
-
 
 def des_split(width: int) -> int:
     """DES factor p: 2^ceil(e/2) for e = floor(log2(width)); the width must be k * p."""
@@ -159,16 +157,16 @@ def _stripes(q: torch.Tensor, kv: torch.Tensor, heads: int, window: int) -> torc
     n = (h + pad) // s
     d = c // heads
 
-    def windows(t: torch.Tensor) -> torch.Tensor:  # (B*n, heads, s*W, d): 4-D for exporters
-        return t.reshape(b * n, s * w, heads, d).transpose(1, 2)
+    def windows(t: torch.Tensor) -> torch.Tensor:  # (B, n, heads, s*W, d)
+        return t.reshape(b, n, s * w, heads, d).transpose(2, 3)
 
     mask = None
     if pad:  # keys in padded rows are invisible; only the last stripe has any
         rows = torch.arange(n * s, device=q.device).reshape(n, s, 1).expand(n, s, w)
-        mask = (rows < h).reshape(1, n, 1, s * w).expand(b, n, 1, s * w).reshape(b * n, 1, 1, -1)
+        mask = (rows < h).reshape(n, 1, 1, s * w)
     v = windows(kv)
     out = F.scaled_dot_product_attention(windows(q), v, v, attn_mask=mask)
-    out = out.transpose(1, 2).reshape(b, n * s, w, c)
+    out = out.transpose(2, 3).reshape(b, n * s, w, c)
     return out[:, :h]
 
 
@@ -189,7 +187,7 @@ class HRViTAttention(nn.Module):
         nn.init.zeros_(self.norm.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, H, W, C) in and out
-        q, v = split_even(self.qv(x), 2)
+        q, v = self.qv(x).chunk(2, dim=-1)
         out = stripe_attention(q, v, self.heads, self.window)
         out = out + self.v_conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         out = self.proj(self.act(out))
