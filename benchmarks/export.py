@@ -90,7 +90,7 @@ def line(task: str, label: str, size: int, s: float, base: float, peak: float, f
 
 
 def main() -> None:
-    from fedge.edge.export import export_model
+    from fedge.edge.export import ExportError, export_model
     from fedge.tasks import build_task
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -115,10 +115,14 @@ def main() -> None:
             for fmt in ("executorch", "onnx"):
                 for quantize in (None, "int8"):
                     out = Path(tmp) / f"{name}.{fmt}.{quantize}"
-                    report = export_model(task, model, fmt, out, quantize=quantize)
+                    label = f"{fmt} {quantize or 'fp32'}"
+                    try:
+                        report = export_model(task, model, fmt, out, quantize=quantize)
+                    except ExportError as exc:
+                        rows.append(f"{name:10} {label:16} does not export: {str(exc)[:120]}")
+                        continue
                     runtime = "onnx" if fmt == "onnx" else "executorch"
                     result = run_child(name, runtime, str(out), args.repeats)
-                    label = f"{fmt} {quantize or 'fp32'}"
                     if isinstance(result, str):
                         rows.append(f"{name:10} {label:16} fails on one sample: {result}")
                         continue
