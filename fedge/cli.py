@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedge.config import ConfigError, RunConfig, parse_option
+from fedge.config import ConfigError, RunConfig, parse_option, saved_config
 from fedge.processes import reap_tree_on_exit
 
 # RunConfig fields that configure the simulation engine, so `fedge server` has no such flags
@@ -80,13 +79,7 @@ def config_from_args(args: argparse.Namespace, skip: frozenset[str] = frozenset(
 
 def resumed_config(run_dir: str, flags: dict[str, Any]) -> RunConfig:
     """The config a run in `run_dir` was started with; flags may change e.g. `rounds`."""
-    path = Path(run_dir) / "config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"--resume {run_dir}: no config.json there; is it a fedge run?") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--resume {run_dir}: config.json is damaged ({exc})") from None
+    saved = saved_config(run_dir)
     return RunConfig.from_mapping({**saved, **flags, "out": run_dir, "resume": True})
 
 

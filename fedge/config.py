@@ -17,7 +17,7 @@ from typing import Any
 from fedge.errors import ConfigError, did_you_mean
 from fedge.wire import CLIENT_DEFAULTS
 
-__all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option"]
+__all__ = ["ConfigError", "RunConfig", "SERVER_FIELDS", "parse_option", "saved_config"]
 
 
 def opt(default: Any, help: str) -> Any:
@@ -391,6 +391,17 @@ POPULATION_FIELDS = frozenset(
     }
 )
 SERVER_FIELDS = SERVER_FIELDS | POPULATION_FIELDS
+
+
+def saved_config(run_dir: str | Path) -> dict[str, Any]:
+    """The config a run in `run_dir` was started with, as its `config.json` holds it."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{run_dir}: no config.json there; is it a fedge run?") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is damaged ({exc})") from None
 
 
 def _check(ok: bool, name: str, rule: str, value: Any) -> None:

@@ -50,17 +50,21 @@ def save_round(out: Path, server_round: int, model: nn.Module, strategy: Strateg
     atomic_write_bytes(model_path(out, server_round), buf.getvalue())
 
 
+def load_model(path: Path, model: nn.Module) -> None:
+    """Load the torch state_dict at `path` into `model`; ConfigError names the file when it is
+    missing, damaged or another model's."""
+    try:
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    except Exception as exc:
+        raise ConfigError(f"{path} is missing or damaged ({type(exc).__name__})") from None
+
+
 def load_round(out: Path, server_round: int, model: nn.Module) -> Strategy | None:
     """Load round `server_round`'s model into `model`; return its strategy (None: not saved).
 
     Raises ValueError naming the file when either file is missing or damaged.
     """
-    path = model_path(out, server_round)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state)
-    except Exception as exc:
-        raise ConfigError(f"{path} is missing or damaged ({type(exc).__name__})") from None
+    load_model(model_path(out, server_round), model)
     path = strategy_path(out, server_round)
     try:
         data = path.read_bytes()

@@ -17,6 +17,7 @@ from types import ModuleType
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from fedge.edge.export import onnx_format, pte_format
 from fedge.edge.export.program import (
@@ -126,9 +127,9 @@ def export_model(
         say(f"writing {fmt} (fp32)")
         backend.write(program, fp32)
         with torch.no_grad():
-            report.metrics["torch"] = metrics(task, model, batch_size)
+            report.metrics["torch"] = Task.evaluate(task, model, test, batch_size)
         say(f"checking it in the runtime on {len(test)} test samples")  # type: ignore[arg-type]
-        check(task, model, backend.Model(fp32), "fp32", report, batch_size)
+        check(task, test, model, backend.Model(fp32), "fp32", report, batch_size)
         if report.max_abs_diff["fp32"] > tolerance:
             raise ExportError(
                 f"the {fmt} model's outputs differ from torch's by up to "
@@ -145,7 +146,7 @@ def export_model(
             else:
                 dims = dynamic_shapes(shapes)
                 pte_format.write(pte_format.quantized_program(model, example, dims, calib), chosen)
-            check(task, model, backend.Model(chosen), "int8", report, batch_size)
+            check(task, test, model, backend.Model(chosen), "int8", report, batch_size)
         report.size_bytes = chosen.stat().st_size
         os.replace(chosen, out)
     report.seconds = time.perf_counter() - start
@@ -153,16 +154,19 @@ def export_model(
 
 
 def check(
-    task: Task, model: nn.Module, exported: nn.Module, name: str, report: ExportReport, bs: int
+    task: Task,
+    test: Dataset,
+    model: nn.Module,
+    exported: nn.Module,
+    name: str,
+    report: ExportReport,
+    batch_size: int,
 ) -> None:
-    """The task's metrics of `exported` on the test set, and its largest gap to torch."""
+    """The task's metrics of `exported` on the test set, and its largest gap to torch.
+
+    `Task.evaluate`, not the task's own: its metrics from eval sums alone, without a task's
+    extras that inspect a torch model's modules (ASR's energy estimate)."""
     compared = Compared(model, exported)
     with torch.no_grad():
-        report.metrics[name] = metrics(task, compared, bs)
+        report.metrics[name] = Task.evaluate(task, compared, test, batch_size)
     report.max_abs_diff[name] = compared.max_diff
-
-
-def metrics(task: Task, model: nn.Module, batch_size: int) -> dict[str, float]:
-    """The task's test metrics from its eval sums alone: `Task.evaluate` without a task's
-    extras that inspect a torch model's modules (ASR's energy estimate)."""
-    return Task.evaluate(task, model, task.test_dataset(), batch_size)

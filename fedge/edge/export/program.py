@@ -8,7 +8,6 @@ bounded dynamic dimension; the rest is fixed at the size the task's data has.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,9 +21,9 @@ from torch.export import Dim, ExportedProgram
 from torch.export.graph_signature import InputKind, TensorArgument
 from torch.utils.data import Dataset, Subset
 
-from fedge.config import RunConfig
+from fedge.config import RunConfig, saved_config
 from fedge.errors import ConfigError
-from fedge.server.checkpoint import model_path
+from fedge.server.checkpoint import load_model, model_path
 from fedge.tasks.base import Task
 from fedge.tasks.registry import build_task
 
@@ -49,23 +48,14 @@ def load_run(run_dir: str | Path, server_round: int | None = None) -> LoadedRun:
     """The task and global model of a fedge run: `final_model.pt`, or the checkpoint of
     `server_round`. ConfigError names the missing or damaged file."""
     run = Path(run_dir)
-    try:
-        saved = json.loads((run / "config.json").read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{run}: no config.json there; is it a fedge run folder?") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{run}/config.json is damaged ({exc})") from None
-    cfg = RunConfig.from_mapping({**saved, "out": str(run), "resume": False})
+    cfg = RunConfig.from_mapping({**saved_config(run), "out": str(run), "resume": False})
     weights = run / "final_model.pt" if server_round is None else model_path(run, server_round)
     if not weights.exists():
         hint = "it has not finished; pass --round N" if server_round is None else "see checkpoints/"
         raise ConfigError(f"{weights} does not exist ({hint})")
     task = build_task(cfg.task, data_dir=cfg.data_dir, seed=cfg.seed, **cfg.task_options)
     model = task.build_model()
-    try:
-        model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
-    except Exception as exc:
-        raise ConfigError(f"{weights} is damaged or not this task's model ({exc})") from None
+    load_model(weights, model)
     return LoadedRun(cfg, task, model.eval(), weights)
 
 
